@@ -89,6 +89,9 @@ def get_args_parser(description, recipe, presets):
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR into --data_path")
     p.add_argument("--subset", type=int, help="train on this many images (class-balanced, fixed by --seed)")
     p.add_argument("--val_subset", type=int, help="evaluate on this many images")
+    p.add_argument("--aug", default="randaug", choices=["randaug", "crop"],
+                   help="randaug: crop, flip, RandAugment m9, random erasing (fine-tuning); crop: crop + flip (MAE)")
+    p.add_argument("--reprob", type=float, default=0.25, help="random erasing probability (with --aug randaug)")
     p.add_argument("--mixup", type=float, default=0.8)
     p.add_argument("--cutmix", type=float, default=1.0)
     p.add_argument("--smoothing", type=float, default=0.1)
@@ -225,7 +228,8 @@ def build_loaders(args, rank, world_size):
     """Datasets from data.py; the train sampler shards and shuffles per epoch, evaluation shards without padding so
     every image is counted exactly once."""
     train_set, num_classes = data.build_dataset(args.dataset, args.data_path, "train", args.input_size,
-                                                subset=args.subset, seed=args.seed, download=args.download)
+                                                subset=args.subset, seed=args.seed, download=args.download,
+                                                aug=args.aug, reprob=args.reprob)
     val_set, _ = data.build_dataset(args.dataset, args.data_path, "val", args.input_size, subset=args.val_subset,
                                     seed=args.seed, download=args.download)
     if args.batch_size * world_size > len(train_set):
@@ -266,14 +270,19 @@ def run(args, make_method, make_model=build_model):
     start_epoch, step = 0, 0
     resume = args.resume or os.path.join(args.output_dir, "checkpoint.pth")
     if os.path.exists(resume):
-        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        ckpt = vit.load_file(resume)
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ValueError(f"{resume} is not a checkpoint of this run ({str(e).splitlines()[0]}): use another "
+                             "--output_dir, or the command that wrote it") from e
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None:
             ema.load_state_dict(ckpt["ema"] or ckpt["model"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
-        print(f"resumed from {resume} at epoch {start_epoch}, step {step}")
+        if rank == 0:
+            print(f"resumed from {resume} at epoch {start_epoch}, step {step}")
     elif args.resume:
         raise FileNotFoundError(f"--resume {args.resume} does not exist")
 
@@ -285,8 +294,10 @@ def run(args, make_method, make_model=build_model):
               f"steps/epoch x {args.epochs} epochs; {world_size} process(es) on {args.device}, amp {args.amp}")
     if args.eval:
         for name, m in [("model", model), ("ema", ema)]:
-            if m is not None and rank == 0:
-                print(json.dumps({name: evaluate(method, m, val_loader, args, world_size, progress)}))
+            if m is not None:
+                result = evaluate(method, m, val_loader, args, world_size, progress)
+                if rank == 0:
+                    print(json.dumps({name: result}))
         return None
 
     runner = method

@@ -249,25 +249,30 @@ def resolve(name_or_path):
     raise ValueError(f"unknown model {name_or_path!r}: not a file and not a known name ({', '.join(TEACHERS)})")
 
 
-def read_state_dict(path):
-    """A checkpoint file -> (state_dict, metadata). Reads .safetensors, or .pth with torch.load(weights_only=True)
-    only; unwraps {'model': ...} (MAE, DeiT, this repository) and strips DDP's 'module.' prefix."""
+def load_file(path):
+    """A checkpoint file -> its contents: .safetensors, or .pth through torch.load(weights_only=True) only."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         try:
-            return load_file(path), {}
+            return load_file(path)
         except Exception as e:
             raise ValueError(f"cannot read {path} as safetensors ({e}); is the file complete?") from e
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path} holds Python objects that need arbitrary unpickling, which is refused for safety; "
                          "re-save only its tensors with torch.save(model.state_dict(), path)") from e
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it is truncated or not a "
                          "PyTorch file: download or write it again") from e
+
+
+def read_state_dict(path):
+    """A checkpoint file -> (state_dict, metadata); unwraps {'model': ...} (MAE, DeiT, this repository) and strips
+    DDP's 'module.' prefix."""
+    ckpt = load_file(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a state dict")
     meta = {k: v for k, v in ckpt.items() if not isinstance(v, (dict, torch.Tensor))}

@@ -65,3 +65,63 @@ def test_loss_is_float32_under_bf16_autocast():
     assert q_s.grad.dtype == torch.bfloat16
     ref = naive_ce(*(t.detach().double() for t in (q_s, k_s, q_t, k_t)))
     assert abs(loss.item() - ref.item()) < 1e-4
+
+
+def distill_step_saved_tensors(tmp_path, img, mode="distill", layers=":", heads=None, weight=3.0):
+    """Shapes and bytes of the activations one distillation step saves for backward (parameters excluded)."""
+    torch.manual_seed(0)
+    arch = dict(img_size=img, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=5)
+    teacher = vit.VisionTransformer(**arch, global_pool=False)
+    with torch.no_grad():  # peaked maps, unlike a random init's near-uniform ones, so that every flag shows
+        for block in teacher.blocks:
+            block.attn.qkv.weight *= 10
+    path = tmp_path / "teacher.pth"
+    torch.save({"model": teacher.state_dict(), "arch": teacher.arch}, path)
+    student = vit.VisionTransformer(**arch)
+    with torch.no_grad():
+        for block in student.blocks:
+            block.attn.qkv.weight *= 10
+    method = distill_attention.DistillAttention(student, str(path), layers, heads, mode, atd_weight=weight).train()
+    params = {p.data_ptr() for p in method.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved.append((tuple(t.shape), t.numel() * t.element_size()))
+        return t
+
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, logs = method(torch.randn(2, 3, img, img), torch.full((2, 5), 0.2))
+    loss.backward()
+    return saved, loss, logs, method
+
+
+def test_no_token_by_token_tensor_is_saved_and_memory_grows_linearly(tmp_path):
+    per_token = []
+    for img in (16, 32, 64):  # N = 17, 65, 257 tokens
+        saved, *_ = distill_step_saved_tensors(tmp_path, img)
+        N = (img // 4) ** 2 + 1
+        assert saved and not [s for s in saved if list(s).count(N) >= 2], "an N x N tensor was saved for backward"
+        per_token.append(sum(b for _, b in saved) / N)
+    # a saved N x N map would multiply bytes per token by ~15 from N = 17 to 257; linear growth keeps it ~constant
+    assert max(per_token) / min(per_token) < 1.3, per_token
+
+
+def test_flags_change_the_loss(tmp_path):
+    _, _, base, _ = distill_step_saved_tensors(tmp_path, 16)
+    assert base["atd"] > 0
+    for kw in (dict(layers="1"), dict(heads=2), dict(mode="distill_q"), dict(mode="distill_k"), dict(mode="distill_v")):
+        _, _, logs, _ = distill_step_saved_tensors(tmp_path, 16, **kw)
+        assert torch.allclose(logs["task"], base["task"])  # same student, same images: only the attention loss moves
+        assert not torch.allclose(logs["atd"], base["atd"]), kw
+    _, loss, logs, _ = distill_step_saved_tensors(tmp_path, 16, weight=0.5)
+    assert torch.allclose(loss, logs["task"] + 0.5 * logs["atd"])
+
+
+def test_teacher_runs_only_the_blocks_needed(tmp_path):
+    _, _, _, method = distill_step_saved_tensors(tmp_path, 16, layers="0")
+    method.teacher.blocks[1].forward = None  # would raise if the teacher ran it
+    method(torch.randn(2, 3, 16, 16), torch.full((2, 5), 0.2))
+    assert torch.equal(method.predict(method.model.eval(), torch.ones(1, 3, 16, 16)),
+                       method.model(torch.ones(1, 3, 16, 16)))  # no teacher at inference
