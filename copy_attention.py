@@ -78,11 +78,16 @@ class CopyAttention(train.Baseline):
 def parse_layers(spec, depth):
     """'a:b' is Python's slice of range(depth) (':' all, ':-6' all but the last 6 -- the authors' --end_layer -6,
     '-6:' the last 6); '0,3,5' an explicit list."""
+    try:
+        if ":" in spec:
+            start, stop = (int(s) if s.strip() else None for s in spec.split(":"))
+        else:
+            layers = sorted({int(s) for s in spec.split(",")})
+    except ValueError:
+        raise ValueError(f"--layers {spec!r} is neither a slice like ':-6' nor a list like '0,3,5'") from None
     if ":" in spec:
-        start, stop = (int(s) if s.strip() else None for s in spec.split(":"))
         layers = list(range(depth))[start:stop]
     else:
-        layers = sorted({int(s) for s in spec.split(",")})
         bad = [l for l in layers if not 0 <= l < depth]
         if bad:
             raise ValueError(f"--layers {spec}: layer {bad[0]} is out of range; the models share {depth} layers (0-{depth - 1})")

@@ -13,6 +13,7 @@ knows nothing of attention.
     torchrun --nproc_per_node=8 train.py --model vit_base_patch16 --finetune mae_vit_b --data_path /imagenet
 """
 import argparse
+import builtins
 import contextlib
 import copy
 import json
@@ -146,6 +147,8 @@ def init_distributed(args):
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    if dist.get_rank() != 0:
+        builtins.print = lambda *args, **kwargs: None  # one log, from rank 0 (errors still reach stderr)
     return dist.get_rank(), dist.get_world_size()
 
 

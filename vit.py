@@ -234,6 +234,9 @@ def resolve(name_or_path):
     if name_or_path in TEACHERS:
         src = TEACHERS[name_or_path][1]
         if not src.startswith("https://"):
+            if not os.path.isfile(src):
+                raise FileNotFoundError(f"{name_or_path!r} should be at {src} but is not: restore it from git or "
+                                        "make it with pretrain_mae.py (README)")
             return src
         path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(src).path))
         if not os.path.exists(path):

@@ -1,0 +1,238 @@
+"""Tests for data.py: MixUp/CutMix targets, OOD label mapping, ImageFolder loading, subsets, errors, fake data, and
+a 512-image subset of the real CIFAR-10 beside the repository (conftest.cifar10_root). CPU, a few seconds.
+
+    .venv/bin/python -m pytest tests/test_data.py -q
+"""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+WNIDS = [f"n{i:08d}" for i in range(1000)]  # a fake ImageNet class list, sorted like ImageFolder sorts it
+MEAN, STD = torch.tensor(data.MEAN).view(3, 1, 1), torch.tensor(data.STD).view(3, 1, 1)
+
+
+def write_image(path, value, size=8):
+    """A small image whose pixels encode `value` (so tests can tell images apart); format from the extension."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = np.full((size, size, 3), value % 256, dtype=np.uint8)
+    pixels[0, 0] = (value // 256, 7, 9)
+    Image.fromarray(pixels).save(path)
+
+
+def make_tree(root, classes=("cat", "dog", "emu"), per_class=6, splits=("train", "test")):
+    for split in splits:
+        for c, name in enumerate(classes):
+            for i in range(per_class):
+                write_image(os.path.join(root, split, name, f"{i}.png"), 10 * c + i)
+    return str(root)
+
+
+def unnormalise(x):
+    return (x * STD + MEAN) * 255
+
+
+# ------------------------------------------------------------------------------------------------ MixUp / CutMix
+def test_mixup_cutmix_targets_are_distributions():
+    torch.manual_seed(0)
+    mix = data.MixupCutmix(0.8, 1.0, 0.1, num_classes=10)
+    for _ in range(6):  # both branches get drawn
+        images, targets = mix(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)))
+        assert images.shape == (8, 3, 16, 16) and targets.shape == (8, 10) and targets.dtype == torch.float32
+        torch.testing.assert_close(targets.sum(1), torch.ones(8))
+        assert targets.min() >= 0.1 / 10 - 1e-6  # smoothing floor
+
+
+def test_no_mixing_is_smoothed_one_hot():
+    labels = torch.tensor([0, 3, 9, 3])
+    images = torch.randn(4, 3, 8, 8)
+    out, targets = data.MixupCutmix(0.0, 0.0, 0.1, num_classes=10)(images, labels)
+    expected = torch.nn.functional.one_hot(labels, 10).float() * 0.9 + 0.1 / 10
+    torch.testing.assert_close(targets, expected)
+    assert torch.equal(out, images)
+
+
+def test_mixup_mixes_images_and_targets_alike():
+    torch.manual_seed(0)
+    x, labels = torch.randn(6, 3, 8, 8), torch.arange(6)  # distinct labels: lambda can be read off the targets
+    out, targets = data.MixupCutmix(0.8, 0.0, 0.0, num_classes=6)(x, labels)
+    lam = targets[torch.arange(6), labels]
+    assert 0 < lam[0] < 1 and torch.allclose(lam, lam[0])  # one lambda per batch
+    torch.testing.assert_close(out, lam[0] * x + (1 - lam[0]) * x.roll(1, 0))
+
+
+def test_cutmix_pastes_a_box_whose_area_is_the_target_weight():
+    torch.manual_seed(1)
+    x, labels = torch.randn(6, 3, 16, 16), torch.arange(6)
+    out, targets = data.MixupCutmix(0.0, 1.0, 0.0, num_classes=6)(x, labels)
+    own = (out == x).all(1)  # (B, H, W): pixels still from the image itself
+    assert ((out == x) | (out == x.roll(1, 0))).all()
+    torch.testing.assert_close(own.float().mean((1, 2)), targets[torch.arange(6), labels])
+
+
+# ------------------------------------------------------------------------------------------------ transforms
+def test_train_transforms_normalise_and_erase():
+    torch.manual_seed(0)
+    flat = torch.full((3, 32, 32), 200, dtype=torch.uint8)
+    x = data.train_transform(32, aug="crop")(flat)  # crop + flip of a flat image: the normalised colour
+    torch.testing.assert_close(x, ((200 / 255 - MEAN) / STD).expand(3, 32, 32), atol=1e-3, rtol=0)
+    noise = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = torch.stack([data.train_transform(32, reprob=0)(noise) for _ in range(4)])
+    assert x.min() < -1.5 and x.max() > 2  # black and white pixels, normalised
+    # random erasing fills a box (>= 2% of the image) with N(0, 1) noise, off the grid of normalised uint8 values
+    for reprob in (0.0, 1.0):
+        for _ in range(4):
+            k = unnormalise(data.train_transform(32, reprob=reprob)(noise))
+            off_grid = (k - k.round()).abs() > 0.01
+            assert off_grid.float().mean() > 0.01 if reprob else not off_grid.any()
+            assert not reprob or len(k[off_grid].unique()) > 50  # noise, not a constant (value=0) fill
+    with pytest.raises(ValueError, match="unknown --aug"):
+        data.train_transform(32, aug="autoaugment")
+
+
+# ------------------------------------------------------------------------------------------------ OOD sets
+def test_restrict_logits():
+    logits = torch.arange(2000.0).view(2, 1000)
+    assert torch.equal(data.restrict_logits(logits, [3, 42, 500]), logits[:, [3, 42, 500]])
+    assert data.restrict_logits(logits, None) is logits
+
+
+@pytest.mark.parametrize("kind", ["a", "r"])
+def test_ood_200_class_sets_map_to_class_index(tmp_path, kind):
+    for w in (500, 3, 42):
+        for i in range(2):
+            write_image(str(tmp_path / WNIDS[w] / f"{i}.{'jpg' if i else 'png'}"), w)
+    ds, class_index = data.build_ood_dataset(kind, str(tmp_path), 16, WNIDS)
+    assert class_index == [3, 42, 500] and len(ds) == 6
+    for f, label in zip(ds.files, ds.labels):
+        assert WNIDS[class_index[label]] == os.path.basename(os.path.dirname(f))
+    image, label = ds[5]
+    assert image.shape == (3, 16, 16) and label == 2  # a 500 image -> position 2 of class_index
+    logits = torch.zeros(1, 1000)
+    logits[0, 500] = 1
+    assert data.restrict_logits(logits, class_index).argmax(1).item() == label
+
+
+def test_ood_v2_folders_are_class_numbers_not_string_order(tmp_path):
+    for name in ("0", "1", "10", "2"):
+        write_image(str(tmp_path / name / "a.jpeg"), int(name))
+    ds, class_index = data.build_ood_dataset("v2", str(tmp_path), 16, WNIDS)
+    assert class_index is None
+    by_folder = {os.path.basename(os.path.dirname(f)): label for f, label in zip(ds.files, ds.labels)}
+    assert by_folder == {"0": 0, "1": 1, "2": 2, "10": 10}
+    # a model whose outputs are in another order: V2's numbers are still the sorted-wnid numbering
+    shuffled = WNIDS[::-1]
+    ds, _ = data.build_ood_dataset("v2", str(tmp_path), 16, shuffled)
+    by_folder = {os.path.basename(os.path.dirname(f)): label for f, label in zip(ds.files, ds.labels)}
+    assert by_folder["10"] == shuffled.index(WNIDS[10]) == 989
+
+
+def test_ood_sketch_and_bad_folders(tmp_path):
+    for w in (7, 900):
+        write_image(str(tmp_path / "sketch" / WNIDS[w] / "x.JPEG"), w)
+    ds, class_index = data.build_ood_dataset("sketch", str(tmp_path / "sketch"), 16, WNIDS)
+    assert class_index is None and sorted(ds.labels) == [7, 900]
+    write_image(str(tmp_path / "notv2" / "n00000001" / "x.png"), 1)
+    with pytest.raises(ValueError, match="not ImageNet-V2"):
+        data.build_ood_dataset("v2", str(tmp_path / "notv2"), 16, WNIDS)
+    write_image(str(tmp_path / "a" / "n99999999" / "x.png"), 1)
+    with pytest.raises(ValueError, match="not among the model's classes"):
+        data.build_ood_dataset("a", str(tmp_path / "a"), 16, WNIDS)
+    with pytest.raises(FileNotFoundError, match="no folder"):
+        data.build_ood_dataset("r", str(tmp_path / "missing"), 16, WNIDS)
+
+
+# ------------------------------------------------------------------------------------------------ ImageFolder
+def test_folder_loads_in_memory_and_falls_back_to_test(tmp_path):
+    root = make_tree(tmp_path)
+    train, k = data.build_dataset("folder", root, "train", 8)
+    val, k_val = data.build_dataset("folder", root, "val", 8)  # no val/: test/
+    assert k == k_val == 3 and len(train) == len(val) == 18
+    assert train.images.shape == (18, 3, 8, 8) and train.images.dtype == torch.uint8
+    image, label = val[7]  # dog (class 1), image 1: value 11, exactly recovered from the lossless PNG
+    assert image.shape == (3, 8, 8) and image.dtype == torch.float32 and label == 1
+    torch.testing.assert_close(unnormalise(image)[:, 1:, 1:], torch.full((3, 7, 7), 11.0), atol=1e-3, rtol=0)
+    x, y = train[0]
+    assert x.shape == (3, 8, 8) and y == 0
+
+
+def test_folder_large_images_are_read_lazily(tmp_path):
+    root = make_tree(tmp_path, per_class=1)
+    ds, k = data.build_dataset("folder", root, "train", 72)
+    assert isinstance(ds, data.Files) and k == 3 and ds[2][0].shape == (3, 72, 72) and ds[2][1] == 2
+    assert data.build_dataset("folder", root, "val", 72)[0][0][0].shape == (3, 72, 72)
+
+
+def test_subset_is_balanced_and_deterministic(tmp_path):
+    root = make_tree(tmp_path)
+    a, _ = data.build_dataset("folder", root, "train", 8, subset=6, seed=0)
+    b, _ = data.build_dataset("folder", root, "train", 8, subset=6, seed=0)
+    c, _ = data.build_dataset("folder", root, "train", 8, subset=6, seed=1)
+    assert torch.bincount(a.labels).tolist() == [2, 2, 2]
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.images, c.images)
+    uneven = torch.as_tensor([0] * 10 + [1] * 2 + [2] * 10)  # a small class gives what it has, others fill in
+    assert torch.bincount(uneven[data.balanced_subset(uneven, 12, 0)]).tolist() == [5, 2, 5]
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        data.build_dataset("folder", root, "train", 8, subset=19)
+
+
+def test_folder_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no folder .*--data_path should point at"):
+        data.build_dataset("folder", str(tmp_path / "nowhere"), "train", 8)
+    root = make_tree(tmp_path / "only_train", splits=("train",))
+    with pytest.raises(FileNotFoundError, match="neither val/ nor test/"):
+        data.build_dataset("folder", root, "val", 8)
+    with pytest.raises(FileNotFoundError, match="train.*--data_path"):
+        data.build_dataset("folder", make_tree(tmp_path / "only_test", splits=("test",)), "train", 8)
+    os.makedirs(tmp_path / "empty" / "train" / "emu")
+    write_image(str(tmp_path / "empty" / "train" / "cat" / "0.png"), 0)
+    with pytest.raises(ValueError, match="class folder .*emu has no images"):
+        data.build_dataset("folder", str(tmp_path / "empty"), "train", 8)
+    write_image(str(tmp_path / "flat" / "train" / "0.png"), 0)  # images but no class folders
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        data.build_dataset("folder", str(tmp_path / "flat"), "train", 8)
+    root = make_tree(tmp_path / "bad", per_class=1)
+    with open(os.path.join(root, "train", "dog", "broken.jpg"), "wb") as f:
+        f.write(b"not a jpeg")
+    with pytest.raises(ValueError, match="cannot read image .*broken.jpg"):
+        data.build_dataset("folder", root, "train", 8)
+    lazy, _ = data.build_dataset("folder", root, "train", 72)  # read per item: fails when the item is read
+    with pytest.raises(ValueError, match="cannot read image .*broken.jpg"):
+        lazy[[os.path.basename(f) for f in lazy.files].index("broken.jpg")]
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.build_dataset("imagenet", root, "train", 8)
+
+
+# ------------------------------------------------------------------------------------------------ fake data
+def test_fake_data_shapes_and_determinism():
+    train, k = data.build_dataset("fake", None, "train", 16)
+    val, _ = data.build_dataset("fake", None, "val", 16)
+    again, _ = data.build_dataset("fake", None, "val", 16)
+    assert k == 10 and len(train) == 512 and len(val) == 128
+    assert torch.equal(val.images, again.images) and torch.equal(val[3][0], again[3][0])
+    assert not torch.equal(train.images[:128], val.images)
+    x, y = train[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= y < 10
+    torch.manual_seed(0)
+    assert not torch.equal(train[0][0], train[0][0])  # training items are augmented afresh each time
+    # DataLoader workers get the dataset by pickling
+    assert torch.equal(pickle.loads(pickle.dumps(val))[5][0], val[5][0])
+    big, _ = data.build_dataset("fake", None, "val", 72, subset=10)
+    assert big[0][0].shape == (3, 72, 72) and torch.bincount(big.labels).tolist() == [1] * 10
+
+
+# ------------------------------------------------------------------------------------------------ real CIFAR-10
+def test_cifar10_folder_subset(cifar10_root):
+    ds, k = data.build_dataset("folder", cifar10_root, "train", 32, subset=512, seed=0)
+    assert k == 10 and len(ds) == 512 and ds.images.shape == (512, 3, 32, 32)
+    assert sorted(set(torch.bincount(ds.labels, minlength=10).tolist())) == [51, 52]
+    val, _ = data.build_dataset("folder", cifar10_root, "val", 32, subset=100, seed=0)  # test/ used as val
+    assert torch.bincount(val.labels).tolist() == [10] * 10
+    x, y = val[0]
+    assert x.shape == (3, 32, 32) and -3 < x.min() < x.max() < 3 and 0 <= y < 10
