@@ -58,7 +58,7 @@ def train_transform(img_size, aug="randaug", reprob=0.25):
         return v2.Compose([crop, v2.RandomHorizontalFlip(), *finish, v2.ToPureTensor()])
     if aug != "randaug":
         raise ValueError(f"unknown --aug {aug!r}: randaug or crop")
-    crop = (v2.RandomCrop(img_size, padding=4) if img_size <= 64 else
+    crop = (v2.RandomCrop(img_size, padding=4) if img_size <= 64 else  # zero padding, the usual CIFAR crop
             v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=BICUBIC))
     one_op = v2.RandAugment(num_ops=1, magnitude=9, num_magnitude_bins=11, fill=FILL,
                             interpolation=v2.InterpolationMode.BILINEAR)
@@ -139,7 +139,8 @@ def balanced_subset(labels, n, seed):
     """Indices (sorted) of n items, the classes as equal as possible, chosen at random; the same for the same seed."""
     labels = torch.as_tensor(labels)
     if n > len(labels):
-        raise ValueError(f"--subset {n} is larger than the dataset ({len(labels)} images): lower it")
+        raise ValueError(f"subset of {n} is larger than the dataset ({len(labels)} images): lower --subset or "
+                         "--val_subset")
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     # rank of each shuffled item among the shuffled items of its class; take all ranks 0, then all ranks 1, ...
     by_class = torch.argsort(labels[order], stable=True)
@@ -169,9 +170,10 @@ def build_dataset(name, root, split, img_size, subset=None, seed=0, download=Fal
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         try:
             ds = cls(root, train=split == "train", download=download)
-        except RuntimeError as e:
+        except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
+            inner = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
             raise FileNotFoundError(f"no {name} under {root}: pass --download, or point --data_path at the folder "
-                                    f"holding {'cifar-10-batches-py' if name == 'cifar10' else 'cifar-100-python'}") from e
+                                    f"holding {inner}/") from e
         images, labels = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
         num_classes = len(ds.classes)
     elif name == "folder":
@@ -208,7 +210,7 @@ class MixupCutmix:
     """(images (B, 3, H, W) float, labels (B,) int64) -> (images, soft targets (B, K) float32 summing to 1).
 
     Per batch, MixUp or CutMix (each half the time when both alphas are > 0; one lambda per batch), then label
-    smoothing: targets * (1 - s) + s / K, which equals timm's mix of two smoothed one-hots. Alphas 0: one-hot + smoothing.
+    smoothing: targets * (1 - s) + s / K, equal to timm's mix of two smoothed one-hots. Alphas 0: smoothed one-hot.
     Random draws come from torch's global generator (train.py seeds it)."""
 
     def __init__(self, mixup, cutmix, smoothing, num_classes):
