@@ -16,6 +16,7 @@ import argparse
 import builtins
 import contextlib
 import copy
+import glob
 import json
 import math
 import os
@@ -274,12 +275,12 @@ def run(args, make_method, make_model=build_model):
     resume = args.resume or os.path.join(args.output_dir, "checkpoint.pth")
     if os.path.exists(resume):
         ckpt = vit.load_file(resume)
-        try:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise ValueError(f"{resume} is not a checkpoint of this run ({str(e).splitlines()[0]}): use another "
-                             "--output_dir, or the command that wrote it") from e
+        held = ckpt.get("arch") if isinstance(ckpt, dict) and "optimizer" in ckpt else None
+        if held != model.arch:
+            raise ValueError(f"{resume} is not a checkpoint of this run (it holds {held}, this run builds "
+                             f"{model.arch}): use another --output_dir, or the command that wrote it")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None:
             ema.load_state_dict(ckpt["ema"] or ckpt["model"])
@@ -312,6 +313,8 @@ def run(args, make_method, make_model=build_model):
         runner = torch.compile(runner)
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
+        for stale in glob.glob(os.path.join(args.output_dir, "checkpoint.pth.tmp*")):  # a save killed mid-write
+            os.remove(stale)
 
     stats = {}
     for epoch in range(start_epoch, args.epochs):
@@ -339,8 +342,9 @@ def run(args, make_method, make_model=build_model):
                 values = {k: v.item() for k, v in logs.items()}
                 if not all(math.isfinite(v) for v in values.values()):
                     raise FloatingPointError(
-                        f"{values} at epoch {epoch}, step {step}: stopped; {resume} still holds the last good epoch "
-                        "(lower --blr, add --clip_grad, or use --amp bf16 instead of fp16)")
+                        f"non-finite loss ({', '.join(f'{k} {v:.4g}' for k, v in values.items())}) at epoch {epoch}, "
+                        f"step {step}: stopped; {resume} still holds the last good epoch (lower --blr, add "
+                        "--clip_grad, or use --amp bf16 instead of fp16)")
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v / args.accum_iter
             if args.clip_grad:
