@@ -277,8 +277,10 @@ def run(args, make_method, make_model=build_model):
         ckpt = vit.load_file(resume)
         held = ckpt.get("arch") if isinstance(ckpt, dict) and "optimizer" in ckpt else None
         if held != model.arch:
-            raise ValueError(f"{resume} is not a checkpoint of this run (it holds {held}, this run builds "
-                             f"{model.arch}): use another --output_dir, or the command that wrote it")
+            diff = ", ".join(f"{k} {(held or {}).get(k)} there, {v} here" for k, v in model.arch.items()
+                             if (held or {}).get(k) != v)
+            raise ValueError(f"{resume} is not a checkpoint of this run ({diff}): use another --output_dir, or the "
+                             "command that wrote it")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
