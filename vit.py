@@ -356,7 +356,8 @@ def load_state(model, source):
         if value.shape != own[key].shape:
             raise ValueError(f"{key}: checkpoint has shape {tuple(value.shape)}, model has {tuple(own[key].shape)}; "
                              "build the model the checkpoint was trained as")
-    report["fresh"] += sorted(k for k in own if k not in state and k.startswith(_FRESH))
+    reported = {f.split(" ")[0] for f in report["fresh"]}
+    report["fresh"] += sorted(k for k in own if k not in state and k not in reported and k.startswith(_FRESH))
     model.load_state_dict(state, strict=False)
     report["loaded"] = sorted(state)
     return report
