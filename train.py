@@ -71,8 +71,8 @@ def soft_cross_entropy(logits, targets):
 FINETUNE = dict(model="vit_base_patch16", epochs=100, warmup_epochs=5, blr=5e-4, min_lr=1e-6, weight_decay=0.05,
                 layer_decay=0.65, beta2=0.999, drop_path=0.1, ema=0.0, batch_size=64)
 # CPU-sized CIFAR-10 preset (32 px, patch 4, 65 tokens), shared by every script; see README for timings.
-CIFAR = dict(model="vit_tiny_cifar", input_size=32, batch_size=128, epochs=30, warmup_epochs=3, blr=5e-4,
-             min_lr=1e-5, weight_decay=0.05, drop_path=0.1, ema=0.0, mixup=0.8, cutmix=1.0)
+CIFAR = dict(model="vit_tiny_cifar", input_size=32, batch_size=128, epochs=30, warmup_epochs=3, blr=1e-3,
+             min_lr=1e-5, weight_decay=0.05, layer_decay=1.0, drop_path=0.1, ema=0.0, mixup=0.8, cutmix=1.0)
 
 
 def get_args_parser(description, recipe, presets):

@@ -1,0 +1,262 @@
+"""evaluate.py: accuracy against hand computations, ensembles, the 200-class restriction, attention JSD and pictures,
+copy checkpoints with and without their teacher, bad input. Tiny models (16 px, 16 patches) on a few fake images."""
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy
+import pytest
+import torch
+
+import copy_attention
+import evaluate
+import train
+import vit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCH = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=10)
+FAKE = ["--dataset", "fake", "--val_subset", "20", "--num_workers", "0", "--batch_size", "8", "--no_progress"]
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return vit.VisionTransformer(**{**ARCH, **kw})
+
+
+def constant(bias, **kw):
+    """A model whose logits are `bias` for every image: top-1, top-5 and loss can be computed by hand."""
+    model = tiny(num_classes=len(bias), **kw)
+    torch.nn.init.zeros_(model.head.weight)
+    model.head.bias.data = torch.tensor(bias, dtype=torch.float32)
+    return model
+
+
+def save(path, model, ema=None, method=None, config=None):
+    """A checkpoint as train.run writes it."""
+    torch.save(dict(model=model.state_dict(), ema=ema.state_dict() if ema is not None else None, optimizer={},
+                    scaler={}, epoch=1, step=1, arch=model.arch, config=config or dict(dataset="fake", data_path=""),
+                    method=method or {}), path)
+    return str(path)
+
+
+def run(*argv):
+    return evaluate.main(list(map(str, argv)))
+
+
+def test_accuracy_equals_hand_computation(tmp_path):
+    bias = [9.0 - c for c in range(10)]  # class 0 always first, classes 0-4 the top five
+    ckpt = save(tmp_path / "c.pth", constant(bias))
+    val = run(ckpt, *FAKE, "--output", tmp_path / "r.json")["accuracy"]["val"]
+    # 20 fake images, labels i % 10 balanced: 2 per class
+    assert val["images"] == 20 and val["models"][0]["acc1"] == 10.0 and val["models"][0]["acc5"] == 50.0
+    hand_loss = math.log(sum(math.exp(b) for b in bias)) - sum(bias) / 10  # mean over labels of logsumexp - b[y]
+    assert math.isclose(val["models"][0]["loss"], hand_loss, rel_tol=1e-6)
+    assert json.loads((tmp_path / "r.json").read_text())["accuracy"]["val"] == val
+    # a real model: the same numbers as train.evaluate's loop on the same images
+    model = tiny(3)
+    got = run(save(tmp_path / "m.pth", model), *FAKE)["accuracy"]["val"]["models"][0]
+    args = argparse.Namespace(device="cpu", amp="none")
+    ds, _ = evaluate.data.build_dataset("fake", "", "val", 16, subset=20)
+    ref = train.evaluate(train.Baseline(model), model, torch.utils.data.DataLoader(ds, 8), args, 1)
+    assert all(math.isclose(got[k], ref[k], rel_tol=1e-5) for k in ("acc1", "acc5", "loss"))
+
+
+def test_ema_flag_evaluates_the_ema_weights(tmp_path):
+    raw, ema = [float(c) for c in range(10)], [2.0 * (9 - c) for c in range(10)]
+    ckpt = save(tmp_path / "c.pth", constant(raw), ema=constant(ema))
+    for flags, bias, weights in (([], raw, "model"), (["--ema"], ema, "ema")):
+        result = run(ckpt, *FAKE, *flags)
+        loss = math.log(sum(math.exp(b) for b in bias)) - sum(bias) / 10
+        assert result["models"][0]["weights"] == weights
+        assert math.isclose(result["accuracy"]["val"]["models"][0]["loss"], loss, rel_tol=1e-6)
+    # no EMA in the checkpoint: raw weights, and the result says so
+    assert run(save(tmp_path / "n.pth", constant(raw)), *FAKE, "--ema")["models"][0]["weights"] == "model"
+
+
+def test_ensemble_of_a_model_with_itself_is_the_model(tmp_path):
+    a, b = save(tmp_path / "a.pth", tiny(1)), save(tmp_path / "b.pth", tiny(2))
+    for how in ("probs", "logits"):
+        val = run(a, a, *FAKE, "--ensemble", how)["accuracy"]["val"]
+        for k in ("acc1", "acc5", "loss"):
+            assert math.isclose(val["ensemble"][k], val["models"][0][k], rel_tol=1e-6, abs_tol=1e-9)
+    # two different models: the mean of their probabilities (or logits), computed here by hand
+    ds, _ = evaluate.data.build_dataset("fake", "", "val", 16, subset=20)
+    images, labels = torch.stack([ds[i][0] for i in range(20)]), torch.tensor([ds[i][1] for i in range(20)])
+    with torch.no_grad():
+        la, lb = tiny(1).eval()(images), tiny(2).eval()(images)
+    probs = (la.softmax(-1) + lb.softmax(-1)) / 2
+    val = run(a, b, *FAKE)["accuracy"]["val"]
+    assert math.isclose(val["ensemble"]["loss"], -probs[range(20), labels].log().mean().item(), rel_tol=1e-5)
+    assert math.isclose(val["ensemble"]["acc1"], 100 * (probs.argmax(1) == labels).double().mean().item())
+    val = run(a, b, *FAKE, "--ensemble", "logits")["accuracy"]["val"]
+    assert math.isclose(val["ensemble"]["loss"], torch.nn.functional.cross_entropy((la + lb) / 2, labels).item(),
+                        rel_tol=1e-5)
+    assert "ensemble" not in run(a, b, *FAKE, "--ensemble", "none")["accuracy"]["val"]
+
+
+def model(name, net):
+    return evaluate.Model(name, net.eval(), train.Baseline(net), {})
+
+
+def peaked(net):
+    """Sharper attention than at initialisation (q k^T of order 1 instead of 1e-3), so maps differ visibly."""
+    with torch.no_grad():
+        for blk in net.blocks:
+            blk.attn.qkv.weight.mul_(30)
+    return net
+
+
+def test_jsd_of_a_model_with_itself_is_zero_and_symmetric():
+    a, b = model("a", peaked(tiny(1))), model("b", peaked(tiny(2)))
+    images = torch.randn(3, 3, 16, 16)
+    jsd = evaluate.attention_jsd([a, a, b], images, [0, 1], batch_size=2)
+    assert all(v["index"] == 0 and v["best"] == 0 for v in jsd["0-1"].values())
+    assert all(v["best_heads"] == [0, 1, 2, 3] for v in jsd["0-1"].values())
+    ab = evaluate.attention_jsd([a, b], images, [0, 1], 3)["0-1"]
+    ba = evaluate.attention_jsd([b, a], images, [0, 1], 3)["0-1"]
+    for l in (0, 1):
+        assert 1e-2 < ab[l]["index"] < math.log(2) and math.isclose(ab[l]["index"], ba[l]["index"], rel_tol=1e-5)
+        assert ab[l]["best"] <= ab[l]["index"]
+    # the formula against the definition, 0.5 KL(p||m) + 0.5 KL(q||m), in float64
+    p, q = torch.tensor([0.7, 0.3, 0.0]), torch.tensor([0.1, 0.4, 0.5])
+    m = (p + q) / 2
+    kl = lambda x: sum(xi * math.log(xi / mi) for xi, mi in zip(x.tolist(), m.tolist()) if xi > 0)
+    assert math.isclose(evaluate.jsd(p, q).item(), 0.5 * kl(p) + 0.5 * kl(q), rel_tol=1e-6)
+    assert math.isclose(evaluate.jsd(torch.tensor([1.0, 0]), torch.tensor([0, 1.0])).item(), math.log(2), rel_tol=1e-6)
+
+
+def test_best_match_finds_permuted_heads():
+    """A model with its heads permuted computes the same function; index-matched JSD is > 0, best match is 0."""
+    a = peaked(tiny(1)).eval()
+    b = peaked(tiny(1)).eval()
+    perm = torch.tensor([2, 0, 3, 1])
+    D = 32 // 4
+    rows = (torch.arange(32).view(4, D)[perm]).flatten()  # new head h = old head perm[h]
+    with torch.no_grad():
+        for blk in b.blocks:
+            w, bias = blk.attn.qkv.weight.view(3, 32, 32), blk.attn.qkv.bias.view(3, 32)
+            w.copy_(w[:, rows].clone())
+            bias.copy_(bias[:, rows].clone())
+            blk.attn.proj.weight.copy_(blk.attn.proj.weight[:, rows].clone())
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(a(x), b(x), atol=1e-5)
+    ma, mb = model("a", a), model("b", b)
+    jsd = evaluate.attention_jsd([ma, mb], x, [0, 1], 2)["0-1"]
+    for l in (0, 1):
+        assert jsd[l]["index"] > 1e-2 and jsd[l]["best"] < 1e-6
+        assert jsd[l]["best_heads"] == perm.argsort().tolist()  # head i of a is head perm^-1[i] of b
+
+
+def test_200_class_restriction_and_ood_side_by_side(tmp_path):
+    from PIL import Image
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    (tmp_path / "wnids.txt").write_text("\n".join(wnids))
+    for kind, classes in (("a", (3, 42, 500)), ("sketch", (42, 999))):
+        for c in classes:
+            for i in range(2):
+                os.makedirs(tmp_path / kind / wnids[c], exist_ok=True)
+                Image.new("RGB", (20, 24), (c % 256, i, 0)).save(tmp_path / kind / wnids[c] / f"{i}.png")
+    bias = [0.0] * 1000
+    bias[999], bias[42] = 10.0, 5.0  # first overall: 999, which ImageNet-A does not have; first of A's 200: 42
+    ckpt = save(tmp_path / "c.pth", constant(bias))
+    acc = run(ckpt, *FAKE, "--no_val", "--ood", f"a={tmp_path / 'a'}", f"sketch={tmp_path / 'sketch'}",
+              "--wnids", tmp_path / "wnids.txt")["accuracy"]
+    assert list(acc) == ["a", "sketch"] and acc["a"]["images"] == 6 and acc["sketch"]["images"] == 4
+    a = acc["a"]["models"][0]
+    assert math.isclose(a["acc1"], 100 / 3) and a["acc5"] == 100.0  # 42 right among 3 classes; top-5 of 3 = all
+    assert math.isclose(a["loss"], math.log(2 + math.exp(5)) - 5 / 3, rel_tol=1e-6)  # logits (0, 5, 0) only
+    assert acc["sketch"]["models"][0]["acc1"] == 50.0  # all 1000 logits: 999 wins, right for half the images
+    # the default class list is <data_path>/train's sorted sub-folders
+    with pytest.raises(FileNotFoundError, match="--wnids"):
+        run(ckpt, *FAKE, "--no_val", "--ood", f"a={tmp_path / 'a'}", "--data_path", tmp_path / "none")
+
+
+def test_picture_grid_size_and_copy_maps_equal_teachers(tmp_path, copy_ckpt):
+    ckpt, teacher = copy_ckpt
+    scratch = save(tmp_path / "s.pth", tiny(5))
+    out = tmp_path / "att.png"
+    result = run(ckpt, scratch, *FAKE, "--no_val", "--with_teacher", "--pictures", out, "--picture_layers", "0,1",
+                 "--picture_images", "2", "--analysis_images", "4", "--jsd")
+    from PIL import Image
+    im = Image.open(out)
+    # 2 images x 2 layers x 3 models (teacher, copy, scratch) rows; image + 4 heads columns; 16 px cells, 2 px pads
+    assert im.size == (5 * 18 + 2, 12 * 18 + 2)
+    assert result["pictures"]["rows"][:3] == [f"image 0, layer 0, teacher {teacher}", "image 0, layer 0, " + ckpt,
+                                             "image 0, layer 0, " + scratch]
+    pix = torch.from_numpy(numpy.asarray(im.convert("RGB")).copy())  # (H, W, 3)
+    cell = lambda r, c: pix[2 + 18 * r:18 * (r + 1), 2 + 18 * c:18 * (c + 1)]
+    # the copy student runs on its teacher's maps in layer 0 (copied) but not in layer 1; scratch differs from both
+    assert torch.equal(cell(0, 1), cell(1, 1)) and not torch.equal(cell(0, 1), cell(2, 1))
+    assert not torch.equal(cell(3, 1), cell(4, 1))
+    jsd = result["jsd"]
+    assert jsd["images"] == 4 and jsd["pairs"]["0-1"][0]["index"] == 0 and jsd["pairs"]["0-1"][1]["index"] > 0
+    assert jsd["pairs"]["0-2"][0]["index"] > 0
+    # --layers selects the layers compared
+    assert list(run(ckpt, scratch, *FAKE, "--no_val", "--jsd", "--layers", "1", "--analysis_images", "2")
+                ["jsd"]["pairs"]["0-1"]) == [1]
+
+
+@pytest.fixture
+def copy_ckpt(tmp_path):
+    """A teacher file ({'model', 'arch'}) and a copy checkpoint of layer 0 that records it."""
+    teacher = peaked(tiny(7, global_pool=False))
+    tpath = str(tmp_path / "teacher.pth")
+    torch.save({"model": teacher.state_dict(), "arch": teacher.arch}, tpath)
+    method = dict(teacher=tpath, teacher_sha256=copy_attention.sha256(tpath), teacher_arch=teacher.arch, layers=[0],
+                  heads=4, mode="copy")
+    return save(tmp_path / "copy.pth", peaked(tiny(8)), method=method), tpath
+
+
+def test_copy_checkpoint_runs_with_its_teacher_and_fails_clearly_without(tmp_path, copy_ckpt):
+    ckpt, teacher = copy_ckpt
+    got = run(ckpt, *FAKE)
+    assert got["models"][0]["method"] == "copy" and got["models"][0]["teacher"] == teacher
+    ds, _ = evaluate.data.build_dataset("fake", "", "val", 16, subset=20)
+    images, labels = torch.stack([ds[i][0] for i in range(20)]), torch.tensor([ds[i][1] for i in range(20)])
+    student = peaked(tiny(8))
+    method = copy_attention.CopyAttention(student, teacher, "0", 4, "copy").eval()
+    with torch.no_grad():
+        logits, alone = method.predict(student.eval(), images), student(images)
+    loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert math.isclose(got["accuracy"]["val"]["models"][0]["loss"], loss, rel_tol=1e-5)
+    assert (logits - alone).abs().max() > 1e-2  # the teacher mattered
+    moved = str(tmp_path / "elsewhere.pth")
+    shutil.move(teacher, moved)
+    r = subprocess.run([sys.executable, "evaluate.py", ckpt] + FAKE, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert f"needs its teacher {teacher}" in r.stderr and "--teacher PATH" in r.stderr, r.stderr
+    assert run(ckpt, *FAKE, "--teacher", moved)["accuracy"] == got["accuracy"]
+    torch.save({"model": tiny(9, global_pool=False).state_dict(), "arch": tiny(9, global_pool=False).arch}, teacher)
+    with pytest.raises(ValueError, match="not the one .* was trained with .*sha256"):
+        run(ckpt, *FAKE)
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    model = tiny(1)
+    ckpt = torch.load(save(tmp_path / "m.pth", model), weights_only=True)
+    torch.save(dict(ckpt, arch=dict(model.arch, embed_dim=48)), tmp_path / "arch.pth")
+    with pytest.raises(ValueError, match="do not fit the architecture it records.*cls_token"):
+        run(tmp_path / "arch.pth", *FAKE)
+    torch.save(dict(ckpt, config=dict(model="vit_micro_cifar", input_size=32)), tmp_path / "config.pth")
+    with pytest.raises(ValueError, match="config says vit_micro_cifar at 32 px, but its recorded arch differs.*embed_dim 128 vs 32"):
+        run(tmp_path / "config.pth", *FAKE)
+    other = save(tmp_path / "k.pth", tiny(2, num_classes=7))
+    with pytest.raises(ValueError, match="different class counts cannot be ensembled.*7"):
+        run(tmp_path / "m.pth", other, *FAKE)
+    with pytest.raises(ValueError, match="has 7 classes but val has 10"):
+        run(other, *FAKE)
+    encoder = save(tmp_path / "e.pth", tiny(3, num_classes=0))
+    with pytest.raises(ValueError, match="no trained classifier"):
+        run(encoder, *FAKE)
+    with pytest.raises(ValueError, match="--ood takes KIND=PATH"):
+        run(tmp_path / "m.pth", *FAKE, "--ood", "c=/x")
+    with pytest.raises(ValueError, match="--picture_layers 5: layer 5 is out of range"):
+        run(tmp_path / "m.pth", *FAKE, "--no_val", "--pictures", tmp_path / "p.png", "--picture_layers", "5")
+    with pytest.raises(ValueError, match="--jsd compares maps of equal shape"):
+        run(tmp_path / "m.pth", save(tmp_path / "h.pth", tiny(2, num_heads=2)), *FAKE, "--no_val", "--jsd")
+    with pytest.raises(ValueError, match="--with_teacher: none of the checkpoints records a teacher"):
+        run(tmp_path / "m.pth", *FAKE, "--no_val", "--jsd", "--with_teacher")
