@@ -98,7 +98,8 @@ def attention_ce(q_s, k_s, q_t, k_t, rows=None):
     the models). rows: query rows per block; by default as many as keep one block's map under 2^26 elements."""
     B, H, N, _ = q_s.shape
     rows = rows or max(1, min(N, 2 ** 26 // (B * H * N)))
-    return AttentionCE.apply(q_s, k_s, q_t.detach(), k_t.detach(), rows) / (B * H * N)
+    # the teacher's q, k compacted: as views they would keep its whole qkv tensor (v too) alive until backward
+    return AttentionCE.apply(q_s, k_s, q_t.detach().contiguous(), k_t.detach().contiguous(), rows) / (B * H * N)
 
 
 # The authors' ViT-L distillation recipe (method.md): their README meant the first 18 of 24 layers (--end_layer -6).

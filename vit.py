@@ -47,6 +47,11 @@ class Attention(nn.Module):
         if q.shape[-1] != k.shape[-1]:
             raise ValueError(f"q has head dim {q.shape[-1]} but k has {k.shape[-1]}: replacing only q or only k needs "
                              "both models to have the same head dim (width / heads)")
+        if q_ext is not None or k_ext is not None:
+            # SDPA keeps its inputs for backward; as views they would keep alive the whole qkv tensor of both models
+            # (twice what a plain block keeps). Compact copies keep exactly q, k, v: no more memory than scratch.
+            # Laid out (B, N, H, D) in memory like the views, so SDPA's output is too and the reshape below is free.
+            q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D); scale 1/sqrt(q's head dim), never an N x N map
         return self.proj(out.transpose(1, 2).reshape(B, N, C)), own
 

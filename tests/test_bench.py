@@ -63,6 +63,8 @@ def test_only_the_naive_references_save_an_n_by_n_map(built):
     assert len(n_by_n["naive_copy"]) >= ARCH["depth"]
     assert len(n_by_n["naive_distill"]) >= 3 * ARCH["depth"]
     assert saved["naive_distill"]["bytes"] > saved["distill"]["bytes"]
+    # copy keeps compact copies of q_t, k_t, v_s, never the views that hold both models' whole qkv tensors
+    assert saved["copy"]["bytes"] <= saved["scratch"]["bytes"] < saved["distill"]["bytes"]
 
 
 def test_saved_bytes_exclude_parameters_and_scale_with_the_batch(built):
