@@ -181,15 +181,14 @@ def saved_for_backward(method, images, targets, amp):
     """Forward under saved_tensors_hooks, then backward (no optimizer step). Returns a dict: `bytes`, each storage
     kept for backward counted once with its full size (a view such as q = qkv[..., :D] keeps all of its storage
     alive), storages of parameters excluded (they exist anyway; autocast's low-precision weight copies do count);
-    `tensor_bytes`, each distinct saved tensor counted with its own size instead; `shapes`; `loss`."""
+    `shapes`; `loss`."""
     params = {p.untyped_storage().data_ptr() for p in method.parameters()}
-    storages, tensors, shapes = {}, {}, []
+    storages, shapes = {}, []
 
     def pack(t):
         s = t.untyped_storage()
         if s.data_ptr() not in params:
             storages[s.data_ptr()] = s.nbytes()
-            tensors[(t.data_ptr(), tuple(t.shape), t.stride())] = t.numel() * t.element_size()
             shapes.append(tuple(t.shape))
         return t
 
@@ -197,7 +196,7 @@ def saved_for_backward(method, images, targets, amp):
         loss, _ = method(images, targets)
     loss.backward()
     method.zero_grad(set_to_none=True)
-    return dict(bytes=sum(storages.values()), tensor_bytes=sum(tensors.values()), shapes=shapes, loss=loss.item())
+    return dict(bytes=sum(storages.values()), shapes=shapes, loss=loss.item())
 
 
 def sync(device):
@@ -279,8 +278,8 @@ def bench_config(arch, batch, device="cpu", amp="none", compile=False, methods=M
         steps = {}
         for name, (method, opt) in built.items():
             saved = saved_for_backward(method, images, targets, amp)
-            result["methods"][name] = dict(saved_bytes=saved["bytes"], saved_tensor_bytes=saved["tensor_bytes"],
-                                           loss=saved["loss"], saves_n_by_n=any(s[-2:] == (N, N) for s in saved["shapes"]))
+            result["methods"][name] = dict(saved_bytes=saved["bytes"], loss=saved["loss"],
+                                           saves_n_by_n=any(s[-2:] == (N, N) for s in saved["shapes"]))
             runner = torch.compile(method) if compile and name not in NAIVE_OF else method
             steps[name] = (lambda r=runner, o=opt: train_step(r, o, images, targets, amp))
         teacher = next((built[n][0].teacher for n in ("copy", "distill") if n in built), None)
@@ -311,7 +310,7 @@ def ratios(methods):
     for a, b in pairs:
         if a in methods and b in methods:
             out[f"{a}/{b}"] = {k: methods[a][k] / methods[b][k] for k in
-                               ("step_s", "saved_bytes", "saved_tensor_bytes", "peak_rss", "cuda_max_allocated")
+                               ("step_s", "saved_bytes", "peak_rss", "cuda_max_allocated")
                                if methods[a].get(k) and methods[b].get(k)}
     return out
 
