@@ -1,18 +1,12 @@
-"""Attention distillation: the blocked loss against autograd on the naive formula, its memory, and the CLI."""
-import math
-
+"""Attention distillation: the loss without maps against its definition (values and gradients, float64), memory."""
 import pytest
 import torch
 
 import distill_attention
 import vit
+from teacher import Teacher
 
-
-def naive_ce(q_s, k_s, q_t, k_t):
-    """The authors' formula: both N x N logit maps materialised."""
-    s = q_s @ k_s.transpose(-2, -1) / math.sqrt(q_s.shape[-1])
-    t = q_t @ k_t.transpose(-2, -1) / math.sqrt(q_t.shape[-1])
-    return -(t.softmax(-1) * s.log_softmax(-1)).sum(-1).mean()
+naive_ce = distill_attention.attention_ce_reference  # the definition: both N x N maps materialised
 
 
 def qk(B, H, N, D, seed, requires_grad=False):
@@ -81,7 +75,8 @@ def distill_step_saved_tensors(tmp_path, img, mode="distill", layers=":", heads=
     with torch.no_grad():
         for block in student.blocks:
             block.attn.qkv.weight *= 10
-    method = distill_attention.DistillAttention(student, str(path), layers, heads, mode, atd_weight=weight).train()
+    teacher = Teacher(str(path), student, layers, heads, distill_attention.EXCHANGE[mode])
+    method = distill_attention.DistillAttention(student, teacher, mode, atd_weight=weight).train()
     params = {p.data_ptr() for p in method.parameters()}
     saved = []
 
@@ -121,7 +116,7 @@ def test_flags_change_the_loss(tmp_path):
 
 def test_teacher_runs_only_the_blocks_needed(tmp_path):
     _, _, _, method = distill_step_saved_tensors(tmp_path, 16, layers="0")
-    method.teacher.blocks[1].forward = None  # would raise if the teacher ran it
+    method.teacher.model.blocks[1].forward = None  # would raise if the teacher ran it
     method(torch.randn(2, 3, 16, 16), torch.full((2, 5), 0.2))
     assert torch.equal(method.predict(method.model.eval(), torch.ones(1, 3, 16, 16)),
                        method.model(torch.ones(1, 3, 16, 16)))  # no teacher at inference
