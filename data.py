@@ -1,16 +1,25 @@
-"""data.py: datasets and transforms for every script (method.md, "Recipes": the MAE fine-tune augmentation).
+"""data.py: datasets and transforms for every script (the MAE fine-tuning augmentation that the paper's recipes use,
+Li et al. 2024, arXiv 2411.09702).
 
-    train_set, num_classes = build_dataset("folder", "../shared/data/cifar10", "train", 32, subset=512)
+    train_set, num_classes = build_dataset("cifar10", "", "train", 32, subset=512)   # CIFAR-10 found as below
     mix = MixupCutmix(0.8, 1.0, 0.1, num_classes); images, targets = mix(images, labels)   # targets (B, K)
     ood_set, class_index = build_ood_dataset("r", "/data/imagenet-r", 224, imagenet_wnids)
     logits = restrict_logits(model(images), class_index)                                   # (B, 200) for -A/-R
+    python data.py pack ../shared/data/cifar10 data/cifar10.pack.pth   # one file for a machine that gets 64 MiB
 
-Datasets: 'folder' (ImageFolder tree: root/train + root/val, or root/test as in ../shared/data/cifar10), torchvision
-'cifar10'/'cifar100', 'fake' (deterministic noise for smoke runs), and ImageNet-V2/-A/-R/-Sketch for evaluation.
-At img_size <= 64 (CIFAR-sized) every image is decoded once and held in memory as uint8 (N, 3, H, W), so epochs are
-not spent decoding: the 50,000 32x32 CIFAR-10 JPEGs take about 6 s with PIL on our shared 2-core machine, so there is
-no cache file (torchvision.io.decode_image took 2.5-5 s but is deprecated as of torchvision 0.29; a thread pool was
-slower than one thread for such small files). Larger images (ImageNet) are read lazily with PIL, as ImageFolder does.
+Datasets: 'folder' (ImageFolder tree: root/train + root/val, or root/test), torchvision 'cifar10'/'cifar100', 'fake'
+(deterministic noise for smoke runs), and ImageNet-V2/-A/-R/-Sketch for evaluation. 'cifar10' with no root looks in
+./data/cifar10 (ImageFolder, train/ + test/), then ../shared/data/cifar10 beside the repository, then downloads
+torchvision's copy into ./data (find_cifar10). A root that holds train/ is read as an ImageFolder tree, a root ending
+in .pth as a packed file (`python data.py pack`: the encoded bytes of every image, unchanged: 53.6 MiB for CIFAR-10).
+A val/ (or test/) folder must have exactly train/'s class folders: label i has to mean the same class in both.
+At img_size <= 64 (CIFAR-sized), and for packed files at any size, every image is decoded once and held in memory as
+uint8 (N, 3, H, W), so epochs are not spent decoding: the 50,000 32x32 CIFAR-10 JPEGs take about 6 s with PIL on our
+shared 2-core machine (torchvision.io's decoders are deprecated as of torchvision 0.29; a thread pool was slower than
+one thread for such small files); an unreadable image is then a one-line error naming it. Larger images (ImageNet) are
+read lazily with PIL, as ImageFolder does; their evaluation images' headers are opened when the set is built, and an
+unreadable one is skipped with one warning naming it (a corrupt training image is an error naming it when read).
+Every PIL mode becomes RGB (to_rgb): 16-bit grey keeps its top 8 bits, alpha is dropped, others are refused by name.
 
 Augmentation (torchvision.transforms.v2), --aug randaug, img_size > 64, as MAE fine-tuning: RandomResizedCrop (0.08-1,
 bicubic), flip, RandAugment m9, ToDtype, Normalize, RandomErasing(--reprob); eval: Resize(img_size / 0.875, bicubic)
@@ -36,8 +45,14 @@ the authors used:
 MixUp/CutMix: like timm's Mixup(mixup_alpha, cutmix_alpha, switch_prob 0.5, mode 'batch', correct_lam), except that
 torchvision pairs image i with image i-1 (timm: with B-1-i), which gives the same distribution of pairs.
 """
+import argparse
+import io
 import os
+import pathlib
+import sys
+import warnings
 
+import numpy as np
 import torch
 import torchvision
 from PIL import Image
@@ -48,6 +63,8 @@ FILL = [round(255 * m) for m in MEAN]  # timm's RandAugment fill colour (its hpa
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's list
 BICUBIC = v2.InterpolationMode.BICUBIC
 LAYOUT = "--data_path should point at the folder containing train/ and val/ (or test/), one sub-folder per class"
+REPO = os.path.dirname(os.path.abspath(__file__))  # find_cifar10 looks in REPO/../shared/data/cifar10
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def train_transform(img_size, aug="randaug", reprob=0.25):
@@ -101,11 +118,15 @@ class Files(torch.utils.data.Dataset):
         return self.transform(load(self.files[i])), self.labels[i]
 
 
+def class_folders(folder):  # ImageFolder's classes: the sub-folders, sorted by name
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir())
+
+
 def scan(folder, classes=None):
     """ImageFolder's layout folder/<class>/<image> -> (files, labels, classes); classes sorted by name unless given."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"no folder {folder}: {LAYOUT}")
-    classes = classes or sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    classes = classes or class_folders(folder)
     if not classes:
         raise ValueError(f"no class sub-folders in {folder}: expected {folder}/<class>/<image>; {LAYOUT}")
     files, labels = [], []
@@ -118,21 +139,134 @@ def scan(folder, classes=None):
     return files, labels, classes
 
 
-def load(path):
-    """One image file -> RGB PIL image; a ValueError naming the file if it cannot be read."""
+def open_folder(root, split):
+    """root/train, or for 'val' root/val else root/test -> (files, labels, classes). The val/test classes must be
+    train/'s: one missing class would shift every later label and silently give a wrong accuracy."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"no folder {root}: {LAYOUT}")
+    folder = os.path.join(root, split)
+    if split == "val" and not os.path.isdir(folder):
+        folder = os.path.join(root, "test")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{root} has neither val/ nor test/: {LAYOUT}")
+    files, labels, classes = scan(folder)
+    train = os.path.join(root, "train")
+    if split == "val" and os.path.isdir(train) and classes != class_folders(train):
+        expected = class_folders(train)
+        missing, extra = [c for c in expected if c not in classes], [c for c in classes if c not in expected]
+        raise ValueError(f"{folder} does not have train/'s classes (missing {len(missing)}: {missing[:5]}; extra "
+                         f"{len(extra)}: {extra[:5]}): give it the same class folders as {train}")
+    return files, labels, classes
+
+
+def pack(src, dst):
+    """`python data.py pack SRC DST`: the ImageFolder tree SRC (train/ and val/ or test/) -> one file DST holding every
+    image's encoded bytes unchanged (no re-encoding), for a machine that can receive little (a GPU that gets 64 MiB).
+    DST holds {'classes': [str], split: {'bytes': uint8 (total,), 'offsets': int64 (N + 1,), 'labels': int64 (N,)}}
+    and loads with torch.load(weights_only=True); --data_path DST reads it like SRC."""
+    if not dst.endswith(".pth"):
+        raise ValueError(f"packed file {dst} must end in .pth: that is how --data_path tells it from a folder")
+    out = {}
+    for split in ("train", "val"):
+        files, labels, out["classes"] = open_folder(src, split)
+        chunks = [pathlib.Path(f).read_bytes() for f in files]
+        offsets = torch.tensor([0] + [len(c) for c in chunks]).cumsum(0)
+        name = split if os.path.isdir(os.path.join(src, split)) else "test"  # what open_folder read
+        out[name] = {"bytes": torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8), "offsets": offsets,
+                     "labels": torch.tensor(labels)}
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    torch.save(out, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)  # never a half-written file under the real name
+    print(f"packed {src} into {dst}: " + ", ".join(f"{k} {len(v['labels'])} images" for k, v in out.items()
+                                                   if k != "classes") + f", {os.path.getsize(dst) / 2**20:.1f} MiB")
+
+
+def read_pack(path, split):
+    """A file written by pack() -> (sources [(name, bytes)], labels, classes) of split ('val': val, else test)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no packed file {path}: build it with python data.py pack SRC {path}, or {LAYOUT}")
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        packed = torch.load(path, weights_only=True, mmap=True)
+        classes = packed["classes"]
+    except Exception as e:  # a checkpoint given as --data_path, a truncated copy, ...
+        raise ValueError(f"{path} is not a packed dataset ({type(e).__name__}: {oneline(e)}): build it with python "
+                         f"data.py pack SRC {path}") from e
+    split = split if split in packed else "test"
+    blob, offsets = packed[split]["bytes"].numpy().tobytes(), packed[split]["offsets"].tolist()
+    sources = [(f"{path}:{split}/{i}", blob[a:b]) for i, (a, b) in enumerate(zip(offsets, offsets[1:]))]
+    return sources, packed[split]["labels"].tolist(), classes
+
+
+def find_cifar10():
+    """Where CIFAR-10 is when no --data_path is given (the README's first command): ./data/cifar10 (ImageFolder
+    train/ + test/), else ../shared/data/cifar10 beside the repository, else torchvision's copy in ./data, downloaded
+    on first use. -> that folder, or a FileNotFoundError naming --data_path."""
+    shared = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "cifar10"))
+    for folder in (os.path.join("data", "cifar10"), shared):
+        if os.path.isdir(os.path.join(folder, "train")) and os.path.isdir(os.path.join(folder, "test")):
+            return folder
+    if not os.path.isdir(os.path.join("data", "cifar-10-batches-py")):
+        print(f"CIFAR-10 is in neither ./data/cifar10 nor {shared}: downloading it with torchvision into ./data")
+        try:
+            torchvision.datasets.CIFAR10("data", download=True)
+        except Exception as e:
+            raise FileNotFoundError(f"no CIFAR-10 in ./data/cifar10 or {shared}, and the download failed "
+                                    f"({oneline(e)}): {LAYOUT}") from e
+    return "data"
+
+
+def oneline(e):  # an exception's first line: error messages stay one line
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def to_rgb(im):
+    """A PIL image of any common mode -> RGB. 16-bit grey ('I;16', 'I;16B', 'I'; convert() would clip it to white)
+    keeps its top 8 bits; palette and grey become RGB; alpha is dropped, as torchvision's ImageFolder loader and timm
+    drop it, so images look as they did to the authors' models; CMYK and YCbCr are converted by PIL. Other modes
+    (float 'F', 'LAB', premultiplied 'La'/'RGBa', ...) raise a ValueError naming the mode."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 'I' holds 16-bit PNGs in older Pillow versions
+        grey = np.asarray(im).astype(np.int64).clip(0, 65535) >> 8
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+    if im.mode in ("P", "PA"):  # via RGBA: PIL warns for palette images with transparency converted straight to RGB
+        im = im.convert("RGBA")
+    if im.mode not in ("RGB", "RGBA", "RGBX", "L", "LA", "1", "CMYK", "YCbCr"):
+        raise ValueError(f"PIL mode {im.mode!r} is not converted to RGB: save the image as 8/16-bit RGB or grey")
+    return im.convert("RGB")
+
+
+def load(source):
+    """A file path, or (name, bytes) from a packed file -> RGB PIL image; a one-line ValueError naming it if bad."""
+    name, fp = source if isinstance(source, tuple) else (source, source)
+    try:
+        with Image.open(io.BytesIO(fp) if isinstance(fp, bytes) else fp) as im:
+            return to_rgb(im)
     except Exception as e:
-        raise ValueError(f"cannot read image {path} ({e}): delete or replace the file") from e
+        raise ValueError(f"cannot read image {name} ({oneline(e)}): delete or replace the file") from e
 
 
-def decode(path, img_size):
-    """One file -> uint8 (3, img_size, img_size); another size gets its shorter side resized and is center-cropped."""
-    image = v2.functional.pil_to_tensor(load(path))
-    if image.shape[1:] != (img_size, img_size):
+def decode(source, img_size=None):
+    """One image -> uint8 (3, H, W); with img_size, another size gets its shorter side resized and is center-cropped."""
+    image = v2.functional.pil_to_tensor(load(source))
+    if img_size and image.shape[1:] != (img_size, img_size):
         image = v2.functional.center_crop(v2.functional.resize(image, img_size, BICUBIC), img_size)
     return image
+
+
+def readable(files, labels):
+    """Drop the files whose header PIL cannot open or verify (cheap: nothing is decoded), with one warning naming
+    them: a corrupt evaluation image is found when the set is built rather than after the first epoch."""
+    ok = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.verify()
+            ok.append(True)
+        except Exception:
+            ok.append(False)
+    if not all(ok):
+        bad = [f for f, good in zip(files, ok) if not good]
+        warnings.warn(f"skipping {len(bad)} unreadable evaluation image(s): {', '.join(bad[:5])}")
+    return [f for f, good in zip(files, ok) if good], [l for l, good in zip(labels, ok) if good]
 
 
 def balanced_subset(labels, n, seed):
@@ -152,14 +286,28 @@ def balanced_subset(labels, n, seed):
     return order[take].sort().values
 
 
+_announced = set()  # CIFAR-10 folders found by find_cifar10 and already printed
+
+
 def build_dataset(name, root, split, img_size, subset=None, seed=0, download=False, aug="randaug", reprob=0.25):
     """-> (dataset of (float image (3, img_size, img_size) normalised with MEAN/STD, int label), num_classes).
 
-    name: 'folder' (root/train, root/val or else root/test), 'cifar10'/'cifar100' (torchvision, under root), 'fake'.
+    name: 'folder' (root/train, root/val or else root/test; or a packed .pth file), 'cifar10' (no root: find_cifar10;
+    else a folder with train/, a packed file, or torchvision's root), 'cifar100' (torchvision, under root), 'fake'.
     split: 'train' (augmented with train_transform(aug, reprob)) or 'val'. subset: this many images, class-balanced,
-    chosen with seed. Small images (img_size <= 64) are held in memory, resized once if stored at another size."""
+    chosen with seed. Small images (img_size <= 64) and packed files are held in memory, decoded once."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    if subset is not None and subset < 1:
+        raise ValueError(f"a subset of {subset} images: --subset and --val_subset must be at least 1 (or left out)")
+    root = os.fspath(root or "")
+    if name == "cifar10" and not root:
+        root = find_cifar10()
+        if root not in _announced and os.environ.get("RANK", "0") == "0":  # once, and on rank 0 under torchrun
+            print(f"CIFAR-10 from {os.path.abspath(root)} (no --data_path given)")
+            _announced.add(root)
+    if name == "cifar10" and (root.endswith(".pth") or os.path.isdir(os.path.join(root, "train"))):
+        name = "folder"  # CIFAR-10 as an ImageFolder tree or a packed file
     if name == "fake":
         # fixed generators: the same images in every process and every call, different for train and val
         g = torch.Generator().manual_seed(0 if split == "train" else 1)
@@ -177,21 +325,19 @@ def build_dataset(name, root, split, img_size, subset=None, seed=0, download=Fal
         images, labels = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
         num_classes = len(ds.classes)
     elif name == "folder":
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"no folder {root}: {LAYOUT}")
-        folder = os.path.join(root, split)
-        if split == "val" and not os.path.isdir(folder):
-            folder = os.path.join(root, "test")
-            if not os.path.isdir(folder):
-                raise FileNotFoundError(f"{root} has neither val/ nor test/: {LAYOUT}")
-        files, labels, classes = scan(folder)
+        packed = root.endswith(".pth")
+        files, labels, classes = read_pack(root, split) if packed else open_folder(root, split)
         if subset is not None:  # before decoding: only the chosen images are read
             keep = balanced_subset(labels, subset, seed).tolist()
             files, labels, subset = [files[i] for i in keep], [labels[i] for i in keep], None
-        if img_size > 64:
-            tf = train_transform(img_size, aug, reprob) if split == "train" else eval_transform(img_size)
-            return Files(files, labels, tf), len(classes)
-        images, num_classes = torch.stack([decode(f, img_size) for f in files]), len(classes)
+        if img_size > 64 and not packed:
+            if split == "train":
+                return Files(files, labels, train_transform(img_size, aug, reprob)), len(classes)
+            return Files(*readable(files, labels), eval_transform(img_size)), len(classes)
+        decoded = [decode(f, img_size if img_size <= 64 else None) for f in files]  # above 64 px: stored size
+        if len({tuple(x.shape) for x in decoded}) > 1:
+            raise ValueError(f"the images in {root} differ in size: pack images of one size, or use --input_size <= 64")
+        images, num_classes = torch.stack(decoded), len(classes)
     else:
         raise ValueError(f"unknown dataset {name!r}: folder, cifar10, cifar100 or fake")
 
@@ -204,6 +350,26 @@ def build_dataset(name, root, split, img_size, subset=None, seed=0, download=Fal
     # above 64 px the stored images keep their size (CIFAR at 224 would be 7.5 GB): the transforms resize per item
     tf = train_transform(img_size, aug, reprob) if split == "train" else eval_transform(img_size, resize=not small)
     return TensorImages(images, labels, tf), num_classes
+
+
+def class_names(name, root):
+    """Class names in label order (for reports and pictures), name and root as for build_dataset: an ImageFolder
+    tree's class folders, a packed file's stored names, CIFAR-10's or CIFAR-100's for torchvision's copy, '0'..'9'
+    for 'fake'."""
+    root = os.fspath(root or "")
+    if name == "fake":
+        return [str(i) for i in range(10)]
+    if name == "cifar100":
+        return torchvision.datasets.CIFAR100(root, train=False).classes
+    root = root or (find_cifar10() if name == "cifar10" else "")
+    if root.endswith(".pth"):
+        return read_pack(root, "train")[2]
+    for split in ("train", "val", "test"):
+        if os.path.isdir(os.path.join(root, split)):
+            return class_folders(os.path.join(root, split))
+    if name == "cifar10":  # torchvision's copy
+        return list(CIFAR10_CLASSES)
+    raise FileNotFoundError(f"no folder {os.path.join(root, 'train')}: {LAYOUT}")
 
 
 class MixupCutmix:
@@ -263,3 +429,21 @@ def build_ood_dataset(kind, root, img_size, imagenet_wnids):
 def restrict_logits(logits, class_index):
     """(B, 1000) -> (B, len(class_index)): the columns of the classes a 200-class set covers; identity for None."""
     return logits if class_index is None else logits[:, class_index]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="data.py pack SRC DST: an ImageFolder tree (train/ and val/ or test/) "
+                                "-> one .pth file with the images' bytes unchanged, usable as --data_path")
+    p.add_argument("command", choices=["pack"])
+    p.add_argument("src", help="folder with train/ and val/ (or test/), one sub-folder per class")
+    p.add_argument("dst", help="the packed file to write, ending in .pth (e.g. data/cifar10.pack.pth)")
+    args = p.parse_args(argv)
+    try:
+        pack(args.src, args.dst)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

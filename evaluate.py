@@ -1,29 +1,30 @@
-"""evaluate.py: accuracy, distribution shift, ensembles, and attention-map distances and pictures (method.md,
-"Variants the paper studies": ensemble, distribution shift, analysis).
+"""evaluate.py: accuracy, ensembles, distribution shift, and attention-map distances and pictures (Li et al. 2024,
+arXiv 2411.09702: its ensembles, distribution-shift sets and attention-map analysis; README "Evaluation").
 
-Every checkpoint runs the way it was trained to: a scratch, fine-tuned or distilled student alone; an attention-copy
-student with the teacher its checkpoint records (by name or path, checked by sha256; --teacher points elsewhere).
-The logits of each model are collected once per image set and reused for its own numbers and the ensemble's.
+Each checkpoint runs as it was trained to: a scratch, fine-tuned or distilled student alone; an attention-copy student
+as teacher.Teacher + copy_attention.CopyAttention rebuilt from its checkpoint's record, with the recorded teacher
+(sha256 checked; --teacher points elsewhere). Any other file vit.load_pretrained reads (MAE, timm, DeiT, DINO, a ViT
+of any shape; --teacher_heads where the file does not say) runs as a plain ViT, on images re-normalised with the
+statistics it records.
 
     python evaluate.py runs/distill/checkpoint.pth --ema            # dataset and data_path from the checkpoint
     python evaluate.py ft.pth distill.pth --data_path /imagenet --ood v2=/data/imagenetv2 a=/data/imagenet-a \
         r=/data/imagenet-r sketch=/data/imagenet-sketch --output result.json
-    python evaluate.py runs/copy/checkpoint.pth runs/distill/checkpoint.pth runs/scratch/checkpoint.pth \
-        --with_teacher --no_val --jsd --pictures attention.png     # the attention analysis only
+    python evaluate.py runs/{copy,distill,scratch}/checkpoint.pth --with_teacher --no_val --jsd \
+        --pictures attention.png --picture_heads mean --picture_size 96     # teacher, copy, distill, scratch
 
-One JSON object goes to stdout (or --output FILE); tables and logs go to stderr.
-  accuracy  per image set (val unless --no_val, then each --ood set): top-1, top-5 (%) and loss of every model and of
-            their ensemble: the mean of the softmax probabilities (--ensemble probs) or of the logits. ImageNet-A/-R
-            keep only the logits of their 200 classes (data.restrict_logits), for each model before any averaging.
-            The models' output classes for --ood: --wnids (a file, one wnid a line in output order, or a folder of
-            class folders, sorted), by default <data_path>/train: the ImageFolder order train.py trained with.
+The JSON result goes to stdout or --output (which only ever replaces an earlier output of this script), tables to
+stderr; nothing is written before every input has been checked.
+  accuracy  per image set (val unless --no_val, then each --ood set): top-1, top-5 (%), loss and top-1 per class name
+            of each model and of their ensemble (the mean of the softmax probabilities, or of the logits). ImageNet-A/-R
+            keep the logits of their 200 classes. --ood's classes are --wnids, by default <data_path>/train's folders.
   jsd       per layer and pair of models: the Jensen-Shannon divergence (natural log, 0..ln 2) between their attention
-            maps on the same images, averaged over images and query rows, head h against head h ("index", then the
-            mean over heads) and each head of the first model against its closest head of the second ("best").
-  pictures  a PNG grid; for each picture image and layer (--picture_layers), one row per model: the image, then each
-            head's CLS-query attention over the patches (CLS column dropped, scaled to 0..1 per map, black-red-yellow-
-            white), upsampled (nearest) to the image size. The JSON lists what each row and column is.
-A copy student's maps are the ones it runs with: the teacher's q and/or k in the heads and layers it copies.
+            maps on the same images, averaged over images and query rows; head h against head h ("index") and each
+            head of the first model against its closest head of the second ("best"), then averaged over heads.
+  pictures  attention from the CLS query (the mean query without a CLS token) to the patches, each map scaled to
+            0..1, black-red-yellow-white: per image and layer a row per model and a column per head, or
+            (--picture_heads mean) one row, the image and then the mean over heads of each model.
+A copy student's maps are the ones it runs with: the teacher's q and/or k in the layers and heads it copies.
 """
 import argparse
 import contextlib
@@ -36,117 +37,119 @@ import sys
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from tqdm import tqdm
 
 import copy_attention
 import data
+import teacher as teachers
 import train
 import vit
 
-COPY_MODES = ("copy", "copy_q", "copy_k")
+MARK = "evaluate.py"  # written into every JSON and PNG this script makes: only such files are ever replaced
 
 
 @dataclasses.dataclass
 class Model:
-    """A model ready to evaluate: method.predict(net, images) gives its logits (a copy student runs its teacher)."""
+    """A model ready to evaluate: method.predict(net, inputs(images)) gives its logits (a copy student runs its
+    teacher); images arrive normalised with data.MEAN / data.STD."""
     name: str
     net: vit.VisionTransformer
     method: train.Baseline
-    info: dict  # what the result records about it
+    info: dict  # what the result records about it; info["method"] labels it in pictures
     fresh: list = dataclasses.field(default_factory=list)  # untrained tensors (a pre-trained encoder has no head)
-    record: dict = dataclasses.field(default_factory=dict)  # the checkpoint's 'method' (teacher, layers, ...)
+    record: dict = dataclasses.field(default_factory=dict)  # the checkpoint's 'method' (Teacher.describe(), mode)
     config: dict = dataclasses.field(default_factory=dict)  # the checkpoint's 'config' (dataset, data_path, ...)
+    mean: tuple = data.MEAN  # the input statistics it was trained with
+    std: tuple = data.STD
+
+    def inputs(self, images):
+        """The images as this model was trained to see them: one affine map, the same as teacher.Teacher's."""
+        if (tuple(self.mean), tuple(self.std)) == (data.MEAN, data.STD):
+            return images
+        s_s, m_s, s_t, m_t = (torch.tensor(v).view(1, 3, 1, 1).to(images.device)
+                              for v in (data.STD, data.MEAN, self.std, self.mean))
+        return images * (s_s / s_t) + (m_s - m_t) / s_t
 
 
-def load_model(path, ema=False, teacher=None):
+def load_model(path, args):
     """A checkpoint file (or a vit.TEACHERS name) -> Model on the CPU in eval mode."""
     ckpt = vit.load_file(vit.resolve(path))
-    if not (isinstance(ckpt, dict) and "arch" in ckpt and isinstance(ckpt.get("model"), dict)):
-        net, report = vit.load_pretrained(path)  # MAE, timm, DeiT, DINO: architecture inferred from the shapes
+    if not (isinstance(ckpt, dict) and "config" in ckpt and "arch" in ckpt and isinstance(ckpt.get("model"), dict)):
+        net, report = vit.load_pretrained(path, num_heads=args.teacher_heads)  # architecture read from the weights
         return Model(path, net.eval(), train.Baseline(net).eval(), dict(method="pre-trained", weights="model"),
-                     report["fresh"])
-    arch, record, config = ckpt["arch"], ckpt.get("method") or {}, ckpt.get("config") or {}
+                     report["fresh"], mean=report["mean"] or data.MEAN, std=report["std"] or data.STD)
+    arch, record, config = ckpt["arch"], ckpt.get("method") or {}, ckpt["config"] or {}
     check_config(path, arch, config)
-    weights = "ema" if ema and ckpt.get("ema") else "model"  # a model trained without EMA is evaluated raw
+    weights = "ema" if args.ema and ckpt.get("ema") else "model"  # a model trained without EMA is evaluated raw
     net = vit.VisionTransformer(**arch)
     try:
         report = vit.load_state(net, ckpt[weights])
     except ValueError as e:
         raise ValueError(f"{path}: its weights do not fit the architecture it records ({e})") from None
-    method = record.get("mode") or ("fine-tune" if config.get("finetune") else
-                                    "mae pre-training" if "mask_ratio" in config else "scratch")
-    info = dict(method=method, weights=weights, teacher=record.get("teacher"))
-    if method not in COPY_MODES:
-        return Model(path, net.eval(), train.Baseline(net).eval(), info, report["fresh"], record, config)
-    source = find_teacher(path, record, teacher)
-    with contextlib.redirect_stdout(sys.stderr):  # CopyAttention prints its plan; stdout is for the JSON
-        copy = copy_attention.CopyAttention(net, source, ",".join(map(str, record["layers"])), record["heads"],
-                                            record["mode"])
-    check_sha(path, record, source, copy.teacher_sha256)
-    info.update(teacher=source, layers=copy.layers, heads=copy.heads)
-    return Model(path, net.eval(), copy.eval(), info, report["fresh"], record, config)
+    mode = record.get("mode") or ("fine-tune" if config.get("finetune") else
+                                  "mae pre-training" if "mask_ratio" in config else "scratch")
+    info = dict(method=mode, weights=weights, **{k: record[k] for k in ("teacher", "layers", "heads") if k in record})
+    method = train.Baseline(net)
+    if mode in copy_attention.EXCHANGE:  # the teacher runs at inference too
+        method = copy_attention.CopyAttention(net, build_teacher(path, record, net, args), mode)
+        info["teacher"] = method.teacher.name
+    return Model(path, net.eval(), method.eval(), info, report["fresh"], record, config)
 
 
 def check_config(path, arch, config):
     """The preset and input size in a checkpoint's config must describe the architecture it records."""
     if config.get("model") not in vit.PRESETS:
         return
-    img, patch, dim, depth, heads = vit.PRESETS[config["model"]]
-    said = dict(img_size=config.get("input_size", img), patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads)
-    diff = [f"{k} {v} vs {arch.get(k)}" for k, v in said.items() if arch.get(k) != v]
+    with torch.device("meta"):  # the preset's arch without allocating its weights
+        said = vit.create_model(config["model"], **{"img_size": config["input_size"]} if "input_size" in config
+                                else {}).arch
+    diff = [f"{k} {said[k]} vs {arch.get(k)}" for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
+            if arch.get(k) != said[k]]
     if diff:
         raise ValueError(f"{path}: its config says {config['model']} at {said['img_size']} px, but its recorded arch "
                          f"differs ({', '.join(diff)}): the file was edited or mixed up; use the original")
 
 
-def find_teacher(path, record, override):
-    """The teacher a transfer checkpoint records (a vit.TEACHERS name or a file), or --teacher instead."""
-    source = override or record.get("teacher")
-    if source and os.path.isfile(source):
-        return source
-    if source in vit.TEACHERS:
-        try:
-            vit.resolve(source)  # a shipped file, or downloaded once into torch.hub's cache
-            return source
-        except (FileNotFoundError, ValueError) as e:
-            raise FileNotFoundError(f"{path} needs its teacher {source}: {e}; or pass --teacher PATH") from None
-    if override:
-        raise FileNotFoundError(f"--teacher {override} is not a file or a teacher name ({', '.join(vit.TEACHERS)})")
-    raise FileNotFoundError(f"{path} needs its teacher {source}, which is not a file here: pass --teacher PATH "
-                            "pointing at the teacher it was trained with")
-
-
-def check_sha(path, record, source, sha):
-    if record.get("teacher_sha256") and sha != record["teacher_sha256"]:
+def build_teacher(path, record, student, args):
+    """The teacher.Teacher a transfer checkpoint records (Teacher.describe()), or --teacher's file instead."""
+    source = args.teacher or record["teacher"]
+    try:
+        file = vit.resolve(source)
+    except (FileNotFoundError, ValueError) as e:
+        raise FileNotFoundError(f"{path} needs its teacher {source} ({e}): pass --teacher PATH pointing at the "
+                                "teacher it was trained with") from None
+    sha, recorded = teachers.sha256(file), record.get("teacher_sha256")
+    if recorded and sha != recorded:
         raise ValueError(f"teacher {source} is not the one {path} was trained with (sha256 {sha[:12]}..., recorded "
-                         f"{record['teacher_sha256'][:12]}...): pass --teacher PATH pointing at that file")
+                         f"{recorded[:12]}...): pass --teacher PATH pointing at that file")
+    exchange = record.get("exchange") or copy_attention.EXCHANGE.get(record.get("mode"), "qk")
+    return teachers.Teacher(source, student, ",".join(map(str, record["layers"])), record.get("heads"), exchange,
+                            (record.get("teacher_arch") or {}).get("num_heads") or args.teacher_heads,
+                            record.get("teacher_mean"), record.get("teacher_std"))
 
 
-def load_teacher(models, override):
-    """The recorded teacher of the first transfer model, as a model of its own attention (--with_teacher)."""
-    model = next((m for m in models if m.record.get("teacher")), None)
-    if model is None:
+def teacher_model(models, args):
+    """The recorded teacher of the first copy/distill checkpoint, as a model of its own (--with_teacher)."""
+    m = next((m for m in models if m.record.get("teacher")), None)
+    if m is None:
         raise ValueError("--with_teacher: none of the checkpoints records a teacher (only copy and distill do)")
-    if isinstance(model.method, copy_attention.CopyAttention):
-        net, source = model.method.teacher, model.info["teacher"]
-    else:
-        source = find_teacher(model.name, model.record, override)
-        net, _ = vit.load_pretrained(source, img_size=model.net.arch["img_size"])
-        check_sha(model.name, model.record, source, copy_attention.sha256(vit.resolve(source)))
-    return Model(f"teacher {source}", net.eval(), train.Baseline(net).eval(), dict(method="teacher", weights="model"))
+    t = build_teacher(m.name, m.record, m.net, args)
+    return Model(f"teacher {t.name}", t.model, train.Baseline(t.model).eval(), dict(method="teacher", weights="model"),
+                 mean=t.mean, std=t.std)
 
 
 # ------------------------------------------------------------------------------------------------ accuracy
 def image_sets(args, size):
-    """-> [(name, dataset, class_index, num_classes)] at image size `size`: val unless --no_val, then the --ood sets.
-    Models of different input sizes see the same images in the same order."""
+    """-> [(name, dataset, class_index, class names, output classes)] at image size `size`: val unless --no_val, then
+    the --ood sets. Models of different input sizes see the same images in the same order."""
     sets = []
     if not args.no_val:
-        ds, k = data.build_dataset(args.dataset, args.data_path, "val", size, subset=args.val_subset, seed=args.seed)
-        sets.append(("val", ds, None, k))
+        ds, _ = data.build_dataset(args.dataset, args.data_path, "val", size, subset=args.val_subset, seed=args.seed)
+        sets.append(("val", ds, None, args.names, len(args.names)))
     for kind, root in args.ood.items():
         ds, index = data.build_ood_dataset(kind, root, size, args.wnids)
-        sets.append((kind, ds, index, len(args.wnids)))
+        sets.append((kind, ds, index, [args.wnids[i] for i in index] if index else args.wnids, len(args.wnids)))
     return sets
 
 
@@ -159,18 +162,21 @@ def collect_logits(model, dataset, args, class_index=None, desc=""):
     logits, labels = [], []
     for images, y in tqdm(loader, desc=desc, leave=False, disable=not args.progress):
         with train.autocast(args):
-            out = model.method.predict(model.net, images.to(args.device, non_blocking=True))
+            out = model.method.predict(model.net, model.inputs(images.to(args.device, non_blocking=True)))
         logits.append(data.restrict_logits(out.float(), class_index).cpu())
         labels.append(y)
     return torch.cat(logits), torch.cat(labels)
 
 
-def scores(logits, labels):
-    """Top-1 and top-5 (%) and mean cross-entropy of logits or log-probabilities (N, K), as train.evaluate counts."""
+def scores(logits, labels, names):
+    """Top-1 and top-5 (%), mean cross-entropy of logits or log-probabilities (N, K) as train.evaluate counts them,
+    and top-1 per class present, by name."""
     top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    return dict(acc1=100 * (top5[:, 0] == labels).double().mean().item(),
-                acc5=100 * (top5 == labels[:, None]).any(1).double().mean().item(),
-                loss=F.cross_entropy(logits.double(), labels).item())
+    hit, count = (top5[:, 0] == labels).double(), torch.bincount(labels, minlength=len(names))
+    per_class = torch.zeros(len(names), dtype=torch.float64).index_add_(0, labels, hit) / count.clamp_min(1)
+    return dict(acc1=100 * hit.mean().item(), acc5=100 * (top5 == labels[:, None]).any(1).double().mean().item(),
+                loss=F.cross_entropy(logits.double(), labels).item(),
+                per_class={n: 100 * a for n, a, c in zip(names, per_class.tolist(), count.tolist()) if c})
 
 
 def ensemble(logits, how):
@@ -184,35 +190,42 @@ def ensemble(logits, how):
 def accuracy(models, args):
     """{set: {images, models: [scores of each model], ensemble: scores}} over val and the --ood sets."""
     sets = {size: image_sets(args, size) for size in {m.net.arch["img_size"] for m in models}}  # once per size
-    results = {}
-    for i, name in enumerate(s[0] for s in next(iter(sets.values()))):
-        logits = []
-        for m in models:
-            _, ds, index, k = sets[m.net.arch["img_size"]][i]
+    for m in models:
+        for name, _, _, _, k in sets[m.net.arch["img_size"]]:
             if m.net.arch["num_classes"] != k:
                 raise ValueError(f"{m.name} has {m.net.arch['num_classes']} classes but {name} has {k}: evaluate it "
                                  "on the dataset it was trained for (--dataset, --data_path, --wnids)")
-            out, labels = collect_logits(m, ds, args, index, desc=f"{name} {m.name}")
-            logits.append(out)
-        results[name] = dict(images=len(labels), models=[scores(l, labels) for l in logits])
+    results = {}
+    for i, (name, _, index, names, _) in enumerate(next(iter(sets.values()))):
+        out = [collect_logits(m, sets[m.net.arch["img_size"]][i][1], args, index, f"{name} {m.name}") for m in models]
+        logits, labels = [l for l, _ in out], out[0][1]  # the same images in the same order for every model
+        results[name] = dict(images=len(labels), models=[scores(l, labels, names) for l in logits])
         if len(models) > 1 and args.ensemble != "none":
-            results[name]["ensemble"] = scores(ensemble(logits, args.ensemble), labels)
+            results[name]["ensemble"] = scores(ensemble(logits, args.ensemble), labels, names)
     return results
 
 
 # ------------------------------------------------------------------------------------------------ attention
+def with_heads(own, theirs):
+    """own (B, H, N, D) with its first heads replaced by theirs (B, h, N, D'): what a copy student attends with."""
+    return theirs if theirs.shape[1] == own.shape[1] else torch.cat([theirs, own[:, theirs.shape[1]:]], dim=1)
+
+
 @torch.no_grad()
 def attention_qk(model, images, layers):
-    """{layer: (q, k)}, each (B, H, N, D), of the attention the model runs with."""
-    inject = {}
-    if isinstance(model.method, copy_attention.CopyAttention):
-        inject = model.method.inject(model.method.teacher_qkv(images, None))
-    _, qkv = model.net.forward_features(images, inject=inject, collect=layers)
+    """{layer: (q, k)}, each (B, H, N, D), of the attention the model runs with on images (B, 3, S, S)."""
+    images, attend, taken = model.inputs(images), {}, {}
+    if isinstance(model.method, copy_attention.CopyAttention):  # the copy as CopyAttention.predict runs it
+        t = model.method.teacher
+        taken = t(images)
+        attend = {l: (lambda q, k, v, qkv=qkv: model.method.attend(q, k, v, *qkv)) for l, qkv in taken.items()}
+    _, qkv = model.net.forward_features(images, attend=attend, collect=layers)
     out = {}
-    for l, (q, k, _) in qkv.items():  # forward_features hands out each block's own q, k: apply the copy to them too
-        q_ext, k_ext = inject.get(l, (None, None))
-        out[l] = (q if q_ext is None else vit._replace_heads(q, q_ext, "q"),
-                  k if k_ext is None else vit._replace_heads(k, k_ext, "k"))
+    for l, (q, k, _) in qkv.items():
+        if l in taken:  # the teacher's q and/or k in the copied heads (copy: both, copy_q: q, copy_k: k, copy_v: none)
+            q = with_heads(q, taken[l][0]) if "q" in t.exchange else q
+            k = with_heads(k, taken[l][1]) if "k" in t.exchange else k
+        out[l] = (q, k)
     return out
 
 
@@ -232,18 +245,19 @@ def head_jsd(qk_a, qk_b):
 def attention_jsd(models, images, layers, batch_size):
     """{"i-j": {layer: summary}} for every pair i < j of models, on the same images (B, 3, S, S)."""
     pairs = [(i, j) for i in range(len(models)) for j in range(i + 1, len(models))]
+    tokens = [m.net.grid ** 2 + m.net.num_prefix_tokens for m in models]
     for i, j in pairs:
-        a, b = models[i].net, models[j].net
-        if (a.grid, a.num_heads) != (b.grid, b.num_heads):
-            raise ValueError(f"--jsd compares maps of equal shape, but {models[i].name} has {a.grid ** 2 + 1} tokens "
-                             f"and {a.num_heads} heads, {models[j].name} {b.grid ** 2 + 1} and {b.num_heads}")
+        if (tokens[i], models[i].net.num_heads) != (tokens[j], models[j].net.num_heads):
+            raise ValueError(f"--jsd compares maps of equal shape, but {models[i].name} has {tokens[i]} tokens and "
+                             f"{models[i].net.num_heads} heads, {models[j].name} {tokens[j]} and "
+                             f"{models[j].net.num_heads}")
     sums = {pair: {l: 0.0 for l in layers} for pair in pairs}
     for batch in images.split(batch_size):
         qk = [attention_qk(m, batch, layers) for m in models]
         for i, j in pairs:
             for l in layers:
                 sums[(i, j)][l] = sums[(i, j)][l] + head_jsd(qk[i][l], qk[j][l]).double().cpu()
-    rows = images.shape[0] * (models[0].net.grid ** 2 + 1)  # images x query rows
+    rows = images.shape[0] * tokens[0]  # images x query rows
     return {f"{i}-{j}": {l: summarize(s / rows) for l, s in per.items()} for (i, j), per in sums.items()}
 
 
@@ -254,54 +268,127 @@ def summarize(matrix):
                 best_heads=best.indices.tolist(), per_head=matrix.diagonal().tolist())
 
 
-def hot(x):
-    """Maps in 0..1 (..., H, W) -> RGB (..., 3, H, W) on the 'hot' ramp: black, red, yellow, white."""
-    return torch.stack([(3 * x - i).clamp(0, 1) for i in range(3)], dim=-3)
+def cls_attention(model, images, layers):
+    """{layer: (B, H, g, g)}: each head's attention from the CLS query (the mean query without one) to the patches."""
+    g, out = model.net.grid, {}
+    for l, (q, k) in attention_qk(model, images, layers).items():
+        rows = vit.attention_map(q[:, :, :1], k) if model.net.arch.get("class_token", True) else \
+            vit.attention_map(q, k).mean(2, keepdim=True)  # (B, H, 1, N)
+        out[l] = rows[:, :, 0, -g * g:].unflatten(-1, (g, g)).cpu()  # the patches are the last g*g tokens
+    return out
+
+
+def heat(maps, size):
+    """Maps (n, g, g) -> RGB (n, 3, size, size): each scaled to 0..1, upsampled (nearest), on the 'hot' ramp
+    (black, red, yellow, white)."""
+    lo, hi = maps.amin((1, 2), keepdim=True), maps.amax((1, 2), keepdim=True)
+    x = F.interpolate(((maps - lo) / (hi - lo).clamp_min(1e-12))[:, None], size=(size, size), mode="nearest")
+    return torch.cat([(3 * x - i).clamp(0, 1) for i in range(3)], dim=1)
 
 
 @torch.no_grad()
-def pictures(models, images, layers, path):
-    """Writes the PNG grid (module docstring) for images (B, 3, S, S); returns its layout."""
-    S, H = images.shape[-1], max(m.net.num_heads for m in models)
-    shown = (images.cpu() * torch.tensor(data.STD).view(3, 1, 1) + torch.tensor(data.MEAN).view(3, 1, 1)).clamp(0, 1)
-    qks = [attention_qk(m, images, layers) for m in models]
-    cells, rows = [], []
-    for b in range(images.shape[0]):
+def pictures(models, images, names, layers, path, mean_heads=False, size=None):
+    """Draws the PNG (module docstring) of images (B, 3, S, S) whose classes are `names` at `size` px a cell; returns
+    its layout: what each row and column is, where the cells start (origin) and their pitch (cell + 2 px)."""
+    size = size or images.shape[-1]
+    shown = images.cpu() * torch.tensor(data.STD).view(3, 1, 1) + torch.tensor(data.MEAN).view(3, 1, 1)
+    shown = F.interpolate(shown.clamp(0, 1), size=(size, size), mode="nearest")
+    maps = [cls_attention(m, images, layers) for m in models]
+    cells, rows, labels = [], [], []  # rows: for the JSON (full model names); labels: drawn (method names)
+    for b in range(len(images)):
         for l in layers:
-            for m, qk in zip(models, qks):
-                q, k = qk[l]
-                cls = vit.attention_map(q[b:b + 1, :, :1], k[b:b + 1])[0, :, 0, 1:]  # (h, N - 1): CLS query, patches
-                lo, hi = cls.min(1, keepdim=True).values, cls.max(1, keepdim=True).values
-                maps = ((cls - lo) / (hi - lo).clamp_min(1e-12)).view(1, -1, m.net.grid, m.net.grid)
-                maps = F.interpolate(maps, size=(S, S), mode="nearest")[0]  # (h, S, S)
-                cells += [shown[b:b + 1], hot(maps).cpu(), torch.zeros(H - maps.shape[0], 3, S, S)]
-                rows.append(f"image {b}, layer {l}, {m.name}")
-    torchvision.utils.save_image(torch.cat(cells), path, nrow=1 + H, padding=2, pad_value=1.0)
-    return dict(path=path, rows=rows, columns=["image"] + [f"head {h}" for h in range(H)])
+            if mean_heads:
+                cells.append([shown[b]] + [heat(a[l][b].mean(0, keepdim=True), size)[0] for a in maps])
+                rows.append(f"image {b} ({names[b]}), layer {l}")
+                labels.append(f"{names[b]}, layer {l}")
+            for m, a in zip(models, maps if not mean_heads else []):
+                cells.append([shown[b], *heat(a[l][b], size)])
+                rows.append(f"image {b} ({names[b]}), layer {l}, {m.name}")
+                labels.append(f"{names[b]}, layer {l}, {m.info['method']}")
+    width = max(map(len, cells))
+    columns = ["image"] + ([m.name for m in models] if mean_heads else [f"head {h}" for h in range(width - 1)])
+    heads = [m.info["method"] for m in models] if mean_heads else columns[1:]
+    blank = torch.zeros(3, size, size)  # where a model has fewer heads than the widest
+    grid = torchvision.utils.make_grid(torch.stack([c for r in cells for c in r + [blank] * (width - len(r))]),
+                                       nrow=width, padding=2, pad_value=1.0)
+    font, pitch = ImageFont.load_default(), size + 2
+    left = 6 + int(max(font.getlength(t) for t in labels))
+    canvas = Image.new("RGB", (left + grid.shape[2], 14 + grid.shape[1]), "white")
+    canvas.paste(torchvision.transforms.functional.to_pil_image(grid), (left, 14))
+    draw = ImageDraw.Draw(canvas)
+    for r, text in enumerate(labels):
+        draw.text((2, 14 + 2 + pitch * r + (size - 11) // 2), text, fill="black", font=font)
+    for c, text in enumerate(["image"] + heads):
+        draw.text((left + 2 + pitch * c, 1), text, fill="black", font=font)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", MARK)
+    write_atomic(path, lambda f: canvas.save(f, format="PNG", pnginfo=info))
+    return dict(path=path, rows=rows, columns=columns, origin=[left, 14], pitch=pitch)
 
 
 def analysis_images(models, args):
-    """The same --analysis_images val images (class-balanced, fixed by --seed) for every model, on args.device."""
+    """The same --analysis_images val images (class-balanced, fixed by --seed) for every model, on args.device,
+    and their class names."""
     sizes = {m.net.arch["img_size"] for m in models}
     if len(sizes) > 1:
         raise ValueError(f"--jsd / --pictures show the models the same images, but their input sizes differ {sizes}")
     ds, _ = data.build_dataset(args.dataset, args.data_path, "val", sizes.pop(), seed=args.seed)
-    keep = data.balanced_subset(ds.labels, min(args.analysis_images, len(ds)), args.seed)
-    return torch.stack([ds[i][0] for i in keep.tolist()]).to(args.device)
+    keep = data.balanced_subset(ds.labels, min(args.analysis_images, len(ds)), args.seed).tolist()
+    return torch.stack([ds[i][0] for i in keep]).to(args.device), [args.names[ds[i][1]] for i in keep]
 
 
 # ------------------------------------------------------------------------------------------------ the script
 def parse_layers(flag, spec, depth):
+    """A slice of range(depth) like ':' or '-3:', or a list like '0,3,5' (as the method scripts' --layers)."""
     try:
-        return copy_attention.parse_layers(spec, depth)
-    except ValueError as e:
-        raise ValueError(str(e).replace("--layers", flag)) from None
+        layers = (list(range(depth))[slice(*(int(s) if s.strip() else None for s in spec.split(":")))]
+                  if ":" in spec else sorted({int(s) for s in spec.split(",")}))
+    except (ValueError, TypeError):
+        raise ValueError(f"{flag} {spec!r} is neither a slice like ':-6' nor a list like '0,3,5'") from None
+    bad = [l for l in layers if not 0 <= l < depth]
+    if bad or not layers:
+        raise ValueError(f"{flag} {spec}: " + (f"layer {bad[0]} is out of range" if bad else "selects no layer") +
+                         f": the models analysed share layers 0-{depth - 1}")
+    return layers
+
+
+def written_here(path):
+    """Whether an existing file is an output of this script: a PNG or JSON carrying MARK."""
+    try:
+        with Image.open(path) as im:
+            return im.info.get("Software") == MARK
+    except Exception:
+        pass
+    try:
+        with open(path, "rb") as f:  # the first byte first: a checkpoint is never read whole
+            return f.read(1) == b"{" and json.loads(b"{" + f.read()).get("written_by") == MARK
+    except (ValueError, AttributeError):  # not JSON, or JSON but not an object
+        return False
+
+
+def check_writable(flag, path):
+    """Before any work: the folder exists, and an existing file is this script's own output (never a checkpoint)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{flag} {path}: there is no folder {folder}; create it first")
+    if os.path.exists(path) and not (os.path.isfile(path) and written_here(path)):
+        raise ValueError(f"{flag} {path} exists and is not an output of evaluate.py: refusing to replace it; "
+                         "give another file name")
+
+
+def write_atomic(path, write):
+    """write(binary file) into a temporary file beside path, then rename it: path holds the old output or the new."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
 
 
 def table(result):
-    """Side-by-side text tables of the accuracy and the JSD, for stderr."""
-    lines = []
-    acc = result.get("accuracy", {})
+    """The accuracy side by side (and top-1 per class, up to 20 classes) and the JSD, as text for stderr."""
+    lines = [f"{m['name']}: {m['method']}, {m['weights']} weights" + (f", teacher {m['teacher']}" if m.get("teacher")
+                                                                     else "") for m in result["models"]]
+    acc = result.get("accuracy")
     if acc:
         lines.append(f"{'top-1 / top-5 (%)':40s}" + "".join(f"{s + ' (' + str(r['images']) + ')':>18s}"
                                                           for s, r in acc.items()))
@@ -309,14 +396,14 @@ def table(result):
         if all("ensemble" in r for r in acc.values()):
             rows.append((f"ensemble ({result['ensemble']})", [r["ensemble"] for r in acc.values()]))
         lines += [f"{n[-40:]:40s}" + "".join(f"{s['acc1']:>11.2f} /{s['acc5']:>5.1f}" for s in row) for n, row in rows]
+        lines += [f"  {n[-38:]}: " + ", ".join(f"{c} {a:.1f}" for c, a in row[0]["per_class"].items())
+                  for n, row in rows if len(row[0]["per_class"]) <= 20]
     if "jsd" in result:
-        names = ", ".join(f"{i} {n}" for i, n in enumerate(result["jsd"]["models"]))
-        lines.append(f"\nattention JSD (nats, 0..{math.log(2):.3f}) on {result['jsd']['images']} images, "
-                     f"heads matched by index / best match; models: {names}")
-        pairs = result["jsd"]["pairs"]
-        lines.append("layer" + "".join(f"{p:>18s}" for p in pairs))
-        for l in next(iter(pairs.values())):
-            lines.append(f"{l:<5d}" + "".join(f"{p[l]['index']:>10.4f}/{p[l]['best']:.4f}" for p in pairs.values()))
+        pairs, models = result["jsd"]["pairs"], ", ".join(f"{i} {n}" for i, n in enumerate(result["jsd"]["models"]))
+        lines += [f"attention JSD (nats, 0..{math.log(2):.3f}), heads matched by index / best; models: {models}",
+                  "layer" + "".join(f"{p:>18s}" for p in pairs)]
+        lines += [f"{l:<5d}" + "".join(f"{p[l]['index']:>10.4f}/{p[l]['best']:.4f}" for p in pairs.values())
+                  for l in next(iter(pairs.values()))]
     return "\n".join(lines)
 
 
@@ -324,20 +411,57 @@ def read_wnids(args):
     """The 1000 ImageNet classes in the models' output order: a text file (one wnid a line) or a folder whose sorted
     sub-folders are the classes; default <data_path>/train, the ImageFolder order train.py trained with."""
     source = args.wnids or os.path.join(args.data_path, "train")
-    if os.path.isfile(source):
-        return open(source).read().split()
-    if os.path.isdir(source):
-        return sorted(e.name for e in os.scandir(source) if e.is_dir())
+    if os.path.isfile(source) or os.path.isdir(source):
+        return open(source).read().split() if os.path.isfile(source) else data.class_folders(source)
     raise FileNotFoundError(f"--ood needs the models' ImageNet classes: no {source}; pass --wnids FILE (one wnid a "
                             "line, in output order) or --data_path holding the ImageNet train/ folder")
+
+
+def evaluate(args):
+    """Everything but writing the JSON: -> the result (module docstring). All input is checked before the long part."""
+    models = [load_model(c, args) for c in args.checkpoints]
+    args.dataset = args.dataset or models[0].config.get("dataset") or "folder"
+    args.data_path = args.data_path if args.data_path is not None else models[0].config.get("data_path", "")
+    args.names = data.class_names(args.dataset, args.data_path) if not args.no_val or args.analysed else None
+    args.wnids = read_wnids(args) if args.ood else None
+    if len(models) > 1 and args.ensemble != "none" and len({m.net.arch["num_classes"] for m in models}) > 1:
+        counts = ", ".join(f"{m.name}: {m.net.arch['num_classes']}" for m in models)
+        raise ValueError(f"models with different class counts cannot be ensembled ({counts}): pass --ensemble none")
+    for m in models:
+        if (m.fresh or not m.net.arch["num_classes"]) and (not args.no_val or args.ood):
+            raise ValueError(f"{m.name} has no trained classifier (untrained: {', '.join(m.fresh) or 'no head'}): "
+                             "it is a pre-trained encoder; fine-tune it, or only analyse it (--no_val --jsd)")
+    result = dict(written_by=MARK, models=[dict(name=m.name, **m.info, arch=m.net.arch) for m in models],
+                  ensemble=args.ensemble)
+    if args.analysed:
+        analysed = ([teacher_model(models, args)] if args.with_teacher else []) + models
+        depth = min(m.net.depth for m in analysed)
+        layers = parse_layers("--layers", args.layers, depth)
+        shown = parse_layers("--picture_layers", args.picture_layers or f"0,{depth // 2},{depth - 1}", depth)
+        if args.jsd and len(analysed) < 2:
+            raise ValueError("--jsd compares models: give two checkpoints, or one with --with_teacher")
+        images, names = analysis_images(analysed, args)
+    for m in models + (analysed[:1] if args.with_teacher else []):
+        m.method.to(args.device)
+    if not args.no_val or args.ood:
+        result["accuracy"] = accuracy(models, args)
+    if args.jsd:
+        result["jsd"] = dict(images=len(images), classes=names, models=[m.name for m in analysed],
+                             pairs=attention_jsd(analysed, images, layers, args.batch_size))
+    if args.pictures:
+        result["pictures"] = pictures(analysed, images[:args.picture_images], names, shown, args.pictures,
+                                      args.picture_heads == "mean", args.picture_size)
+    return result
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate checkpoints: accuracy, ensembles, distribution shift, and "
                                 "attention analysis.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", help="checkpoint files (this repository's, MAE, timm) or teacher names")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files (this repository's, or any ViT "
+                   "vit.load_pretrained reads: MAE, timm, DeiT, DINO) or teacher names")
     p.add_argument("--ema", action="store_true", help="EMA weights where a checkpoint has them (raw otherwise)")
     p.add_argument("--teacher", help="the teacher file for copy checkpoints / --with_teacher, instead of the recorded")
+    p.add_argument("--teacher_heads", type=int, help="heads per layer, for a file that does not record them")
     p.add_argument("--dataset", choices=["folder", "cifar10", "cifar100", "fake"],
                    help="default: what the first checkpoint was trained on, else folder")
     p.add_argument("--data_path", help="default: what the first checkpoint was trained on")
@@ -350,10 +474,13 @@ def main(argv=None):
     p.add_argument("--ensemble", default="probs", choices=["probs", "logits", "none"],
                    help="average softmax probabilities or logits of several checkpoints")
     p.add_argument("--jsd", action="store_true", help="per-layer JSD between the attention maps of every two models")
-    p.add_argument("--layers", default=":", help="layers for --jsd, a slice or list as in copy_attention.py")
-    p.add_argument("--pictures", metavar="PNG", help="write the attention picture grid here")
+    p.add_argument("--layers", default=":", help="layers for --jsd: a slice like ':' or '-3:', or a list '0,3,5'")
+    p.add_argument("--pictures", metavar="PNG", help="draw the attention pictures into this file")
     p.add_argument("--picture_layers", help="layers to draw (default: first, middle, last)")
     p.add_argument("--picture_images", type=int, default=2, help="draw this many of the analysis images")
+    p.add_argument("--picture_heads", default="all", choices=["all", "mean"],
+                   help="a row per model and a column per head, or a row per image and a column per model")
+    p.add_argument("--picture_size", type=int, help="pixels per picture cell (default: the input size)")
     p.add_argument("--analysis_images", type=int, default=64, help="val images for --jsd and --pictures")
     p.add_argument("--with_teacher", action="store_true",
                    help="add the first copy/distill checkpoint's teacher as model 0 of --jsd and --pictures")
@@ -367,56 +494,26 @@ def main(argv=None):
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
     args.amp = ("bf16" if args.device.startswith("cuda") else "none") if args.amp == "auto" else args.amp
-    args.progress = not args.no_progress and sys.stderr.isatty()
+    args.progress, args.analysed = not args.no_progress and sys.stderr.isatty(), args.jsd or bool(args.pictures)
     ood = [s.split("=", 1) for s in args.ood]
     if any(len(s) != 2 or s[0] not in ("v2", "a", "r", "sketch") for s in ood):
         raise ValueError(f"--ood takes KIND=PATH with KIND v2, a, r or sketch, not {' '.join(args.ood)}")
     args.ood = dict(ood)
-    if args.with_teacher and not (args.jsd or args.pictures):
+    for flag in ("batch_size", "val_subset", "teacher_heads", "picture_images", "picture_size", "analysis_images"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.with_teacher and not args.analysed:
         raise ValueError("--with_teacher adds the teacher to --jsd / --pictures: pass one of them")
-
-    models = [load_model(c, args.ema, args.teacher) for c in args.checkpoints]
-    config = models[0].config
-    args.dataset = args.dataset or config.get("dataset") or "folder"
-    args.data_path = args.data_path if args.data_path is not None else config.get("data_path", "")
-    if args.ood:
-        args.wnids = read_wnids(args)
-    k = {m.net.arch["num_classes"] for m in models}
-    if len(models) > 1 and args.ensemble != "none" and len(k) > 1:
-        counts = ", ".join(f"{m.name}: {m.net.arch['num_classes']}" for m in models)
-        raise ValueError(f"models with different class counts cannot be ensembled ({counts}): pass --ensemble none")
-    for m in models:
-        print(f"{m.name}: {m.info['method']}, {m.info['weights']} weights" + (f", teacher {m.info['teacher']}"
-              if m.info.get("teacher") else ""), file=sys.stderr)
-        if (m.fresh or not m.net.arch["num_classes"]) and (not args.no_val or args.ood):
-            raise ValueError(f"{m.name} has no trained classifier (untrained: {', '.join(m.fresh) or 'no head'}): "
-                             "it is a pre-trained encoder; fine-tune it, or only analyse it (--no_val --jsd)")
-        m.method.to(args.device)
-
-    result = dict(models=[dict(name=m.name, **m.info, arch=m.net.arch) for m in models], ensemble=args.ensemble)
-    if not args.no_val or args.ood:
-        result["accuracy"] = accuracy(models, args)
-    if args.jsd or args.pictures:
-        analysed = ([load_teacher(models, args.teacher)] if args.with_teacher else []) + models
-        analysed[0].method.to(args.device)
-        images, depth = analysis_images(analysed, args), min(m.net.depth for m in analysed)
-        if args.jsd:
-            if len(analysed) < 2:
-                raise ValueError("--jsd compares models: give two checkpoints, or one with --with_teacher")
-            layers = parse_layers("--layers", args.layers, depth)
-            result["jsd"] = dict(images=len(images), models=[m.name for m in analysed],
-                                 pairs=attention_jsd(analysed, images, layers, args.batch_size))
-        if args.pictures:
-            layers = parse_layers("--picture_layers", args.picture_layers or f"0,{depth // 2},{depth - 1}", depth)
-            result["pictures"] = pictures(analysed, images[:args.picture_images], layers, args.pictures)
+    for flag, path in (("--output", args.output), ("--pictures", args.pictures)):
+        if path:
+            check_writable(flag, path)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON alone (data.py and the logs print)
+        result = evaluate(args)
     print(table(result), file=sys.stderr)
     text = json.dumps(result, indent=1)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
-        print(f"wrote {args.output}", file=sys.stderr)
-    else:
-        print(text)
+        write_atomic(args.output, lambda f: f.write((text + "\n").encode()))
+    print(f"wrote {args.output}" if args.output else text, file=sys.stderr if args.output else sys.stdout)
     return result
 
 

@@ -1,23 +1,27 @@
 """vit.py: the Vision Transformer, its presets, checkpoint loading and the teacher table.
 
-The ViT of Dosovitskiy et al. with timm/MAE parameter names (patch_embed.proj, cls_token, pos_embed, blocks.i.norm1,
-attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2, norm, fc_norm, head), so MAE, timm, DeiT and DINO checkpoints load
-without renaming. Attention always runs through F.scaled_dot_product_attention, and a caller can steer it
-(method.md, "Attention copy" / "Attention distillation"):
+The ViT of Dosovitskiy et al. with timm/MAE parameter names (patch_embed.proj, cls_token, reg_token, dist_token,
+pos_embed, blocks.i.norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2, norm, fc_norm, head, head_dist), so timm,
+MAE, DeiT and DINO checkpoints load without renaming, their architecture read from the weights. Attention runs
+through F.scaled_dot_product_attention; a caller may take each block's own q, k, v or replace that one call, which is
+all attention transfer needs (Li et al. 2024, arXiv 2411.09702, Sec. 3):
 
-    tokens, qkv = model.forward_features(x, collect=[0, 1])         # qkv[l] = (q, k, v) of block l, each (B, H, N, D)
-    tokens, _ = model.forward_features(x, inject={0: (q_t, k_t)})   # block 0 uses SDPA(q_t, k_t, v_own)
+    tokens, qkv = model.forward_features(x, collect=[0, 1])  # qkv[l] = (q, k, v) of block l, each (B, H, N, D)
+    tokens, _ = model.forward_features(x, attend={0: fn})    # block 0 computes fn(q, k, v) instead of SDPA(q, k, v)
     logits = model.forward_head(tokens)
 
 This file knows nothing of teachers or students; copy_attention.py and distill_attention.py decide what to pass.
 Run `python vit.py` to list the presets with their parameter counts.
 """
+import argparse
 import math
 import os
 import pickle
+import time
 import urllib.parse
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -31,47 +35,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, q_ext=None, k_ext=None):
-        """x: (B, N, C). q_ext / k_ext: (B, h, N, D) with h <= heads replace the first h heads of the block's own q / k.
+    def forward(self, x, attend=None):
+        """x (B, N, C) -> (output (B, N, C), the block's own (q, k, v), each (B, H, N, D)).
 
-        Returns the output (B, N, C) and the block's OWN (q, k, v), each (B, H, N, D), before any replacement.
-        External q/k are detached: they come from a frozen model and never receive a gradient.
-        """
+        attend(q, k, v) -> (B, H, N, D), when given, is computed in place of SDPA(q, k, v)."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        own = (q, k, v)
-        if q_ext is not None:
-            q = _replace_heads(q, q_ext, "q")
-        if k_ext is not None:
-            k = _replace_heads(k, k_ext, "k")
-        if q.shape[-1] != k.shape[-1]:
-            raise ValueError(f"q has head dim {q.shape[-1]} but k has {k.shape[-1]}: replacing only q or only k needs "
-                             "both models to have the same head dim (width / heads)")
-        if q_ext is not None or k_ext is not None:
-            # SDPA keeps its inputs for backward; as views they would keep alive the whole qkv tensor of both models
-            # (twice what a plain block keeps). Compact copies keep exactly q, k, v: no more memory than scratch.
-            # Laid out (B, N, H, D) in memory like the views, so SDPA's output is too and the reshape below is free.
-            q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D); scale 1/sqrt(q's head dim), never an N x N map
-        return self.proj(out.transpose(1, 2).reshape(B, N, C)), own
-
-
-def _replace_heads(own, ext, what):
-    """The first ext.shape[1] heads of `own` (B, H, N, D) replaced by `ext` (B, h, N, D')."""
-    if ext.shape[0] != own.shape[0] or ext.shape[2] != own.shape[2]:
-        raise ValueError(f"external {what} has batch x tokens {ext.shape[0]} x {ext.shape[2]} but the block has "
-                         f"{own.shape[0]} x {own.shape[2]}: both models must see the same images at the same "
-                         "image size and patch size")
-    h, H = ext.shape[1], own.shape[1]
-    if h > H:
-        raise ValueError(f"external {what} has {h} heads but the block has {H}: transfer at most {H} heads")
-    ext = ext.detach().to(own.dtype)
-    if h == H:
-        return ext  # all heads: the head dim may differ from the block's (a wider teacher)
-    if ext.shape[3] != own.shape[3]:
-        raise ValueError(f"external {what} has head dim {ext.shape[3]} but the block has {own.shape[3]}: a head "
-                         "subset needs equal head dims")
-    return torch.cat([ext, own[:, h:]], dim=1)
+        # scale 1/sqrt(D), and never an N x N map in memory
+        out = F.scaled_dot_product_attention(q, k, v) if attend is None else attend(q, k, v)  # (B, H, N, D)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C)), (q, k, v)
 
 
 class Mlp(nn.Module):
@@ -91,12 +63,12 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, round(dim * mlp_ratio))  # round, not int: a ratio read from fc1 gives back its width
 
-    def forward(self, x, q_ext=None, k_ext=None, keep=None):
+    def forward(self, x, attend=None, keep=None):
         """keep: (2, B) per-sample stochastic-depth multipliers (0 or 1/keep_prob) for the attention and MLP
         branches, or None for no drop. Returns (x, (q, k, v)) with the block's own q, k, v."""
-        a, qkv = self.attn(self.norm1(x), q_ext, k_ext)
+        a, qkv = self.attn(self.norm1(x), attend)
         if keep is not None:
             a = a * keep[0].view(-1, 1, 1).to(a.dtype)
         x = x + a
@@ -107,18 +79,31 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
+    """A ViT; the students are the presets below (class token, no registers). class_token=False, reg_tokens,
+    dist_token (DeiT) and no_embed_class (position embeddings for the patches only) are timm's, so that any
+    checkpoint loads and attends as the model that wrote it."""
+
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
-                 num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, global_pool=True):
+                 num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, global_pool=True, class_token=True,
+                 reg_tokens=0, dist_token=False, no_embed_class=False):
         super().__init__()
+        if not (class_token or global_pool):
+            raise ValueError("a ViT without a class token must pool its patch tokens (global_pool=True)")
         self.arch = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                         qkv_bias=qkv_bias, global_pool=global_pool)  # plain types: saved with every checkpoint
+                         qkv_bias=qkv_bias, global_pool=global_pool, class_token=class_token, reg_tokens=reg_tokens,
+                         dist_token=dist_token, no_embed_class=no_embed_class)  # plain types: saved in checkpoints
         self.num_heads, self.depth, self.drop_path, self.global_pool = num_heads, depth, drop_path, global_pool
         self.grid = img_size // patch_size
+        self.num_prefix_tokens = class_token + dist_token + reg_tokens  # in this order before the patches
+        self.no_embed_class = no_embed_class
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if dist_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        rows = self.grid ** 2 + (0 if no_embed_class else self.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(torch.zeros(1, rows, embed_dim))
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth))
         # MAE fine-tune convention: global pool -> fc_norm on the pooled patch tokens and no final norm;
         # CLS pool -> final norm and no fc_norm. The state_dict keys follow, as in timm and MAE.
@@ -127,9 +112,12 @@ class VisionTransformer(nn.Module):
         else:
             self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
-        self.apply(_init_weights)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if dist_token:
+            self.head_dist = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
+        self.apply(init_weights)
+        for p in (self.pos_embed, self.cls_token, self.dist_token, self.reg_token):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
 
     def sample_drop_masks(self, batch, device=None):
         """Stochastic-depth multipliers (depth, 2, B): rate rises linearly from 0 to drop_path over the blocks."""
@@ -137,48 +125,55 @@ class VisionTransformer(nn.Module):
         return torch.bernoulli(keep.expand(self.depth, 2, batch)) / keep
 
     def embed(self, x):
-        """(B, C, H, W) -> tokens (B, 1 + N, D) with the CLS token first and position embeddings added."""
-        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        return torch.cat([cls, x], dim=1)
+        """(B, C, H, W) -> tokens (B, prefix + N, D): class, distillation and register tokens first, then the
+        patches, with position embeddings added."""
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = x + self.pos_embed[:, self.pos_embed.shape[1] - x.shape[1]:]  # the patches' rows come last
+        prefix = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        if not prefix:
+            return x
+        prefix = torch.cat(prefix, dim=1)
+        if not self.no_embed_class:  # timm's default layout: the prefix tokens have position embeddings too
+            prefix = prefix + self.pos_embed[:, :self.num_prefix_tokens]
+        return torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1)
 
-    def forward_features(self, x, inject=None, collect=(), drop_masks=None, depth=None):
+    def forward_features(self, x, attend=None, collect=(), drop_masks=None, depth=None):
         """Run the first `depth` blocks (all by default) on images x.
 
-        inject:     {layer: (q or None, k or None)}: external q/k that replace the block's own (see Attention).
+        attend:     {layer: fn}: fn(q, k, v) -> (B, H, N, D) replaces SDPA(q, k, v) in that block (see Attention).
         collect:    layers whose own (q, k, v) to return.
         drop_masks: (depth, 2, B) stochastic-depth multipliers to use (e.g. shared with another model); when None
                     they are sampled in training mode and not used in eval mode.
-        Returns the tokens (B, 1 + N, D) after the last block run, un-normed, and {layer: (q, k, v)}.
+        Returns the tokens (B, prefix + N, D) after the last block run, un-normed, and {layer: (q, k, v)}.
+        The caller checks layers and shapes once, when it plans a run; nothing is checked here.
         """
-        inject = inject or {}
-        depth = self.depth if depth is None else depth
-        for layer in list(inject) + list(collect):
-            if not 0 <= layer < depth:
-                raise ValueError(f"layer {layer} is out of range for a model run through {depth} of its "
-                                 f"{self.depth} blocks")
+        attend = attend or {}
         if drop_masks is None and self.training and self.drop_path > 0:
             drop_masks = self.sample_drop_masks(x.shape[0], x.device)
         x = self.embed(x)
         out = {}
-        for i in range(depth):
-            q_ext, k_ext = inject.get(i, (None, None))
+        for i, block in enumerate(self.blocks[:depth]):
             keep = drop_masks[i] if drop_masks is not None and i < len(drop_masks) else None
-            x, qkv = self.blocks[i](x, q_ext, k_ext, keep)
+            x, qkv = block(x, attend.get(i), keep)
             if i in collect:
                 out[i] = qkv
         return x, out
 
     def forward_head(self, x):
-        """Tokens (B, 1 + N, D) -> logits (B, num_classes)."""
-        x = self.fc_norm(x[:, 1:].mean(dim=1)) if self.global_pool else self.norm(x)[:, 0]
-        return self.head(x)
+        """Tokens (B, prefix + N, D) -> logits (B, num_classes)."""
+        if self.global_pool:
+            return self.head(self.fc_norm(x[:, self.num_prefix_tokens:].mean(dim=1)))
+        x = self.norm(x)
+        if self.dist_token is not None:  # DeiT at inference: the mean of its class and distillation heads
+            return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
+        return self.head(x[:, 0])
 
-    def forward(self, x, inject=None, drop_masks=None):
-        return self.forward_head(self.forward_features(x, inject=inject, drop_masks=drop_masks)[0])
+    def forward(self, x, attend=None, drop_masks=None):
+        return self.forward_head(self.forward_features(x, attend=attend, drop_masks=drop_masks)[0])
 
 
-def _init_weights(m):
+def init_weights(m):
+    """timm/MAE initialisation of one module (use with model.apply)."""
     if isinstance(m, (nn.Linear, nn.Conv2d)):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
@@ -220,45 +215,56 @@ def create_model(name, **kwargs):
 # ------------------------------------------------------------------------------------------------ teacher table
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAE_URL = "https://dl.fbaipublicfiles.com/mae/"
-# name: (preset, url or file in this repository, model kwargs). Pre-trained MAE encoders carry a final `norm` and no
-# head; the fine-tuned ones pool globally with fc_norm and a 1000-class head.
+# name: where the weights are, the heads (which no tensor shape holds) and the input statistics the model was trained
+# with. The architecture itself is read from the weights. mae_tiny_cifar10 was trained by pretrain_mae.py on CIFAR-10
+# normalised with data.MEAN / data.STD, which are ImageNet's; a `mean` / `std` in a checkpoint wins over this table.
+IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 TEACHERS = {
-    "mae_vit_b": ("vit_base_patch16", MAE_URL + "pretrain/mae_pretrain_vit_base.pth", dict(global_pool=False)),
-    "mae_vit_l": ("vit_large_patch16", MAE_URL + "pretrain/mae_pretrain_vit_large.pth", dict(global_pool=False)),
-    "mae_vit_h": ("vit_huge_patch14", MAE_URL + "pretrain/mae_pretrain_vit_huge.pth", dict(global_pool=False)),
-    "mae_vit_b_ft": ("vit_base_patch16", MAE_URL + "finetune/mae_finetuned_vit_base.pth", dict(num_classes=1000)),
-    "mae_vit_l_ft": ("vit_large_patch16", MAE_URL + "finetune/mae_finetuned_vit_large.pth", dict(num_classes=1000)),
-    "mae_vit_h_ft": ("vit_huge_patch14", MAE_URL + "finetune/mae_finetuned_vit_huge.pth", dict(num_classes=1000)),
-    "mae_tiny_cifar10": ("vit_tiny_cifar", os.path.join(HERE, "teachers", "mae_tiny_cifar10.pth"),
-                         dict(global_pool=False)),
+    "mae_vit_b": dict(source=MAE_URL + "pretrain/mae_pretrain_vit_base.pth", num_heads=12, **IMAGENET),
+    "mae_vit_l": dict(source=MAE_URL + "pretrain/mae_pretrain_vit_large.pth", num_heads=16, **IMAGENET),
+    "mae_vit_h": dict(source=MAE_URL + "pretrain/mae_pretrain_vit_huge.pth", num_heads=16, **IMAGENET),
+    "mae_vit_b_ft": dict(source=MAE_URL + "finetune/mae_finetuned_vit_base.pth", num_heads=12, **IMAGENET),
+    "mae_vit_l_ft": dict(source=MAE_URL + "finetune/mae_finetuned_vit_large.pth", num_heads=16, **IMAGENET),
+    "mae_vit_h_ft": dict(source=MAE_URL + "finetune/mae_finetuned_vit_huge.pth", num_heads=16, **IMAGENET),
+    "mae_tiny_cifar10": dict(source=os.path.join(HERE, "teachers", "mae_tiny_cifar10.pth"), num_heads=3, **IMAGENET),
 }
 
 
 def resolve(name_or_path):
-    """A teacher name or a file path -> a local file path; a name's URL is downloaded once into torch.hub's cache."""
-    if name_or_path in TEACHERS:
-        src = TEACHERS[name_or_path][1]
-        if not src.startswith("https://"):
-            if not os.path.isfile(src):
-                raise FileNotFoundError(f"{name_or_path!r} should be at {src} but is not: restore it from git or "
-                                        "make it with pretrain_mae.py (README)")
-            return src
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(src).path))
-        if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:
-                torch.hub.download_url_to_file(src, path)  # writes a temporary file, then renames: never half a file
-            except Exception as e:
-                raise ValueError(f"cannot download {name_or_path!r} from {src} ({type(e).__name__}: {e}); download it "
-                                 f"on a machine that can and pass the file's path instead of {name_or_path!r}") from e
-        return path
-    if os.path.isfile(name_or_path):
-        return name_or_path
-    raise ValueError(f"unknown model {name_or_path!r}: not a file and not a known name ({', '.join(TEACHERS)})")
+    """A teacher name or a file path -> a local file path. A name's URL is downloaded once into torch.hub's cache;
+    under torchrun local rank 0 downloads while the other ranks wait, then all read the same file."""
+    if name_or_path not in TEACHERS:
+        if os.path.isfile(name_or_path):
+            return name_or_path
+        raise ValueError(f"unknown model {name_or_path!r}: not a file and not a known name ({', '.join(TEACHERS)})")
+    src = TEACHERS[name_or_path]["source"]
+    if not src.startswith("https://"):
+        if not os.path.isfile(src):
+            raise FileNotFoundError(f"{name_or_path!r} should be at {src} but is not: restore it from git or "
+                                    "make it with pretrain_mae.py (README)")
+        return src
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(src).path))
+    local_rank, error = int(os.environ.get("LOCAL_RANK", 0)), "local rank 0 could not"
+    if local_rank == 0 and not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(src, path)  # writes a temporary file, then renames: never half a file
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # then every rank sees the file, or every rank stops with the error below
+    else:  # torchrun before init_process_group: torchrun ends this rank if rank 0 fails
+        while local_rank and not os.path.exists(path):
+            time.sleep(1)
+    if not os.path.exists(path):
+        raise ValueError(f"cannot download {name_or_path!r} from {src} ({error}); download it on a machine that can "
+                         f"and pass the file's path instead of {name_or_path!r}")
+    return path
 
 
 def load_file(path):
-    """A checkpoint file -> its contents: .safetensors, or .pth through torch.load(weights_only=True) only."""
+    """A checkpoint file -> its contents: .safetensors, or .pth through torch.load(weights_only=True) only (plus the
+    argparse.Namespace of training arguments that MAE, DeiT, DINO and timm save beside the weights)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.endswith(".safetensors"):
@@ -268,7 +274,8 @@ def load_file(path):
         except Exception as e:
             raise ValueError(f"cannot read {path} as safetensors ({e}); is the file complete?") from e
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path} holds Python objects that need arbitrary unpickling, which is refused for safety; "
                          "re-save only its tensors with torch.save(model.state_dict(), path)") from e
@@ -277,82 +284,129 @@ def load_file(path):
                          "PyTorch file: download or write it again") from e
 
 
+RECORDS = ("arch", "args", "model_args", "pretrained_cfg")  # what checkpoints record beside their weights
+
+
 def read_state_dict(path):
-    """A checkpoint file -> (state_dict, metadata); unwraps {'model': ...} (MAE, DeiT, this repository) and strips
-    DDP's 'module.' prefix."""
+    """A checkpoint file -> (state_dict, metadata); unwraps {'model': ...} (MAE, DeiT, this repository) and
+    {'state_dict': ...} (timm's train.py), strips DDP's 'module.' prefix and refuses NaN or Inf weights."""
     ckpt = load_file(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a state dict")
-    meta = {k: v for k, v in ckpt.items() if not isinstance(v, (dict, torch.Tensor))}
-    if "arch" in ckpt:
-        meta["arch"] = ckpt["arch"]
+    meta = {k: v for k, v in ckpt.items() if k in RECORDS or not isinstance(v, (dict, torch.Tensor))}
     for key in ("model", "state_dict"):
         if isinstance(ckpt.get(key), dict):
             ckpt = ckpt[key]
             break
-    return {k.removeprefix("module."): v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}, meta
+    state = {k.removeprefix("module."): v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{path}: tensor {key} holds NaN or Inf: the file is corrupt or its training diverged; "
+                             "use another checkpoint")
+    return state, meta
 
 
-def arch_of(state_dict, meta=None):
-    """The constructor kwargs a checkpoint was trained with: recorded by this repository, else inferred from shapes
-    by matching a preset's width, depth and patch size."""
-    if meta and "arch" in meta:
-        return dict(meta["arch"])
-    sd = state_dict
-    if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
+def arch_of(state):
+    """The constructor arguments, all but num_heads, of the ViT that wrote a state dict, read from its shapes."""
+    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
         raise ValueError("checkpoint has no patch_embed.proj.weight / pos_embed: not a ViT with timm/MAE names")
-    dim, chans, patch, _ = sd["patch_embed.proj.weight"].shape
-    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
-    for img, p, d, n, heads in PRESETS.values():
-        if (p, d, n) == (patch, dim, depth):
-            return dict(img_size=grid * patch, patch_size=patch, in_chans=chans, embed_dim=dim, depth=depth,
-                        num_heads=heads, num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
-                        global_pool="fc_norm.weight" in sd)
-    raise ValueError(f"no preset has width {dim}, depth {depth} and patch {patch}; add one to vit.PRESETS")
+    dim, chans, patch, _ = state["patch_embed.proj.weight"].shape
+    regs = state["reg_token"].shape[1] if "reg_token" in state else 0
+    prefix = ("cls_token" in state) + ("dist_token" in state) + regs
+    rows = state["pos_embed"].shape[1]
+    # timm's default layout has a position row per prefix token; no_embed_class (DeiT III, registers) has none
+    no_embed_class = prefix > 0 and (rows < prefix or math.isqrt(rows - prefix) ** 2 != rows - prefix)
+    grid = math.isqrt(rows if no_embed_class else rows - prefix)
+    if grid * grid != (rows if no_embed_class else rows - prefix):
+        raise ValueError(f"pos_embed has {rows} rows: not a square patch grid with or without {prefix} prefix rows")
+    return dict(img_size=grid * patch, patch_size=patch, in_chans=chans,
+                num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0, embed_dim=dim,
+                depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
+                mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / dim, qkv_bias="blocks.0.attn.qkv.bias" in state,
+                global_pool="fc_norm.weight" in state, class_token="cls_token" in state, reg_tokens=regs,
+                dist_token="dist_token" in state, no_embed_class=no_embed_class)
 
 
-def load_pretrained(name_or_path, **kwargs):
-    """A teacher name (TEACHERS) or a checkpoint file -> (model, report). kwargs override the architecture."""
-    state, meta = read_state_dict(resolve(name_or_path))
-    if name_or_path in TEACHERS:
-        preset, _, defaults = TEACHERS[name_or_path]
-        model = create_model(preset, **{**defaults, **kwargs})
-    else:
-        model = VisionTransformer(**{**arch_of(state, meta), **kwargs})
-    return model, load_state(model, state)
+# The standard ViT sizes (ViT, DeiT, MAE, DINO names): width, heads. A model name recorded in a checkpoint gives the
+# heads only when the weights have that size's width.
+SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16), "huge": (1280, 16)}
+
+
+def recorded_heads(meta, width):
+    """The heads a checkpoint records: num_heads in this repository's `arch`, in `args` or timm's `model_args`, or a
+    model name (timm's pretrained_cfg['architecture'], MAE's and DeiT's args.model, DINO's args.arch). None if none."""
+    for key in RECORDS:
+        record = meta.get(key)
+        record = vars(record) if isinstance(record, argparse.Namespace) else record
+        if isinstance(record, dict) and record.get("num_heads"):
+            return int(record["num_heads"])
+        names = [record] if isinstance(record, str) else [
+            record.get(k) for k in ("model", "arch", "architecture")] if isinstance(record, dict) else []
+        for name in filter(lambda n: isinstance(n, str), names):
+            for size, (w, heads) in SIZES.items():
+                if size in name.lower() and w == width:
+                    return heads
+    return None
+
+
+def load_pretrained(name_or_path, num_heads=None, **overrides):
+    """A teacher name (TEACHERS) or a checkpoint file -> (model, report).
+
+    The architecture is read from the weights (arch_of); the heads, which no shape holds, from the checkpoint's
+    record, the TEACHERS table or num_heads (--teacher_heads); overrides (img_size, num_classes, ...) win. The
+    report is load_state's plus `mean`, `std`: the input statistics the checkpoint or the table records, else None."""
+    path = resolve(name_or_path)
+    state, meta = read_state_dict(path)
+    table = TEACHERS.get(name_or_path, {})
+    arch = arch_of(state)
+    known = recorded_heads(meta, arch["embed_dim"]) or table.get("num_heads")
+    if num_heads and known and num_heads != known:
+        raise ValueError(f"{path} records {known} heads but --teacher_heads is {num_heads}: drop --teacher_heads")
+    heads = num_heads or known
+    if not heads:
+        raise ValueError(f"the number of heads of {path} cannot be read from the weights and the file records none: "
+                         "pass it with --teacher_heads")
+    if arch["embed_dim"] % heads:
+        raise ValueError(f"{path} has width {arch['embed_dim']}, which {heads} heads do not divide: "
+                         "pass the right --teacher_heads")
+    model = VisionTransformer(**{**arch, "num_heads": heads, **overrides})
+    report = load_state(model, state)
+    stats = next((r for r in (meta, meta.get("pretrained_cfg") or {}, table) if r.get("mean")), {})
+    report.update(mean=tuple(stats["mean"]) if stats else None, std=tuple(stats["std"]) if stats else None)
+    return model, report
 
 
 # Keys a pre-trained checkpoint may carry that a ViT classifier does not use (MAE's decoder and mask token), and
 # keys a classifier may lack in a checkpoint (a new head, a new fc_norm when fine-tuning with global pooling).
-_DROPPABLE = ("decoder_", "mask_token")
-_FRESH = ("head.", "fc_norm.")
+DROPPABLE = ("decoder_", "mask_token")
+FRESH = ("head.", "head_dist.", "fc_norm.")
 
 
 def load_state(model, source):
     """Load a file or state dict into `model` and say what happened.
 
     Dropped without complaint: MAE decoder keys and mask_token; `norm.*` when the model pools with fc_norm (as MAE
-    fine-tuning does). Left freshly initialised: head.* and fc_norm.* when absent, and head.* when the class count
-    differs. pos_embed is resized (bicubic) to the model's patch grid. Anything else missing, unexpected or of
+    fine-tuning does). Left freshly initialised: head.*, head_dist.* and fc_norm.* when absent, and the heads when
+    the class count differs. pos_embed is resized (bicubic) to the model's patch grid. Anything else missing, unexpected or of
     another shape is a ValueError naming the key and both shapes. Returns a dict report.
     """
     state = read_state_dict(source)[0] if isinstance(source, (str, os.PathLike)) else dict(source)
     own = model.state_dict()
     report = dict(loaded=[], dropped=[], fresh=[], resized=[])
     for key in list(state):
-        if key.startswith(_DROPPABLE) or (key.startswith("norm.") and model.global_pool):
+        if key.startswith(DROPPABLE) or (key.startswith("norm.") and model.global_pool):
             report["dropped"].append(key)
             del state[key]
     if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
         report["resized"].append(f"pos_embed {tuple(state['pos_embed'].shape)} -> {tuple(own['pos_embed'].shape)}")
-        state["pos_embed"] = resize_pos_embed(state["pos_embed"], model.grid)
+        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], model.grid, prefix)
     for key in list(state):
-        if key.startswith("head.") and key in own and state[key].shape != own[key].shape:
+        if key.startswith(("head.", "head_dist.")) and key in own and state[key].shape != own[key].shape:
             report["fresh"].append(f"{key} (checkpoint {tuple(state[key].shape)}, model {tuple(own[key].shape)})")
             del state[key]
     unexpected = sorted(set(state) - set(own))
-    missing = sorted(k for k in set(own) - set(state) if not k.startswith(_FRESH))
+    missing = sorted(k for k in set(own) - set(state) if not k.startswith(FRESH))
     if unexpected or missing:
         raise ValueError(f"checkpoint does not fit the model: unexpected keys {unexpected[:5]}, missing keys "
                          f"{missing[:5]} (of {len(unexpected)} and {len(missing)}); build the model the checkpoint "
@@ -362,7 +416,7 @@ def load_state(model, source):
             raise ValueError(f"{key}: checkpoint has shape {tuple(value.shape)}, model has {tuple(own[key].shape)}; "
                              "build the model the checkpoint was trained as")
     reported = {f.split(" ")[0] for f in report["fresh"]}
-    report["fresh"] += sorted(k for k in own if k not in state and k not in reported and k.startswith(_FRESH))
+    report["fresh"] += sorted(k for k in own if k not in state and k not in reported and k.startswith(FRESH))
     model.load_state_dict(state, strict=False)
     report["loaded"] = sorted(state)
     return report
@@ -375,13 +429,14 @@ def describe(report):
             f"fresh: {', '.join(report['fresh']) or '-'}; resized: {', '.join(report['resized']) or '-'}")
 
 
-def resize_pos_embed(pos_embed, grid):
-    """(1, 1 + g*g, D) -> (1, 1 + grid*grid, D): the CLS embedding is kept, the patch grid resized bicubically."""
-    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
+def resize_pos_embed(pos_embed, grid, num_prefix=1):
+    """(1, prefix + g*g, D) -> (1, prefix + grid*grid, D): the prefix tokens' rows are kept, the patch grid resized
+    bicubically."""
+    prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
     g = math.isqrt(patches.shape[1])
     patches = patches.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
     patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
-    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos_embed.dtype)], dim=1)
+    return torch.cat([prefix, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos_embed.dtype)], dim=1)
 
 
 if __name__ == "__main__":

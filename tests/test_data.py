@@ -5,10 +5,13 @@ a 512-image subset of the real CIFAR-10 beside the repository (conftest.cifar10_
 """
 import os
 import pickle
+import shutil
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 import data
@@ -236,3 +239,148 @@ def test_cifar10_folder_subset(cifar10_root):
     assert torch.bincount(val.labels).tolist() == [10] * 10
     x, y = val[0]
     assert x.shape == (3, 32, 32) and -3 < x.min() < x.max() < 3 and 0 <= y < 10
+    assert data.class_names("cifar10", cifar10_root) == data.CIFAR10_CLASSES  # the folders are torchvision's names
+
+
+# ------------------------------------------------------------------------------------------------ issue 14: bad data
+def test_val_classes_must_be_train_classes(tmp_path):
+    root = make_tree(tmp_path / "missing", per_class=1, splits=("train",))
+    make_tree(root, classes=("cat", "dog"), per_class=1, splits=("test",))
+    with pytest.raises(ValueError, match=r"missing 1: \['emu'\]; extra 0"):
+        data.build_dataset("folder", root, "val", 8)
+    root = make_tree(tmp_path / "renamed", per_class=1, splits=("train",))
+    make_tree(root, classes=("cat", "dgo", "emu"), per_class=1, splits=("val",))
+    with pytest.raises(ValueError, match=r"missing 1: \['dog'\]; extra 1: \['dgo'\]"):
+        data.build_dataset("folder", root, "val", 72)  # lazily read sets are checked too
+    with pytest.raises(ValueError, match="does not have train/'s classes"):
+        data.pack(root, str(tmp_path / "p.pth"))
+
+
+def test_every_pil_mode_becomes_rgb(tmp_path):
+    def rgb(im):
+        return np.asarray(data.to_rgb(im)).reshape(-1, 3)[0].tolist()
+
+    deep = np.full((4, 4), 40000, dtype=np.uint16)  # 16-bit grey: 40000 >> 8 = 156, not white
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    assert data.decode(str(tmp_path / "deep.png"))[:, 0, 0].tolist() == [156] * 3
+    assert rgb(Image.frombytes("I;16B", (4, 4), deep.astype(">u2").tobytes())) == [156] * 3
+    assert rgb(Image.fromarray(deep.astype(np.int32))) == [156] * 3  # mode 'I'
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    palette.save(tmp_path / "p.png", transparency=1)  # the pixels' own colour is transparent: alpha is dropped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.decode(str(tmp_path / "p.png"))[:, 0, 0].tolist() == [10, 20, 30]
+    assert rgb(Image.new("L", (4, 4), 77)) == [77] * 3
+    assert rgb(Image.new("LA", (4, 4), (77, 0))) == [77] * 3
+    assert rgb(Image.new("RGBA", (4, 4), (1, 2, 3, 0))) == [1, 2, 3]
+    assert rgb(Image.new("CMYK", (4, 4), (0, 255, 255, 0))) == [255, 0, 0]
+    Image.new("F", (4, 4), 0.5).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match=r"cannot read image .*float.tif .*PIL mode 'F'"):
+        data.load(str(tmp_path / "float.tif"))
+
+
+def test_corrupt_evaluation_image_is_found_when_the_set_is_built(tmp_path):
+    root = make_tree(tmp_path, per_class=1)
+    with open(os.path.join(root, "test", "dog", "broken.jpg"), "wb") as f:
+        f.write(b"not a jpeg")
+    with pytest.raises(ValueError, match="cannot read image .*broken.jpg") as err:  # in memory: all decoded now
+        data.build_dataset("folder", root, "val", 8)
+    assert "\n" not in str(err.value)
+    with pytest.warns(UserWarning, match="skipping 1 unreadable evaluation image.*broken.jpg"):
+        lazy, _ = data.build_dataset("folder", root, "val", 72)  # read per item: headers checked, the bad one skipped
+    assert len(lazy) == 3 and not any(f.endswith("broken.jpg") for f in lazy.files)
+
+
+@pytest.mark.parametrize("subset", [0, -3])
+def test_subset_must_be_positive(tmp_path, subset):
+    with pytest.raises(ValueError, match="at least 1"):
+        data.build_dataset("fake", None, "val", 8, subset=subset)
+    with pytest.raises(ValueError, match="at least 1"):
+        data.build_dataset("folder", make_tree(tmp_path, per_class=1), "train", 8, subset=subset)
+
+
+# ------------------------------------------------------------------------------------------------ CIFAR-10 found
+class FakeTorchvisionCIFAR10:
+    """Stands in for torchvision's CIFAR10: 'downloads' by making its folder, never touching the network."""
+    downloads = 0
+
+    def __init__(self, root, train=True, download=False):
+        folder = os.path.join(root, "cifar-10-batches-py")
+        if download:
+            FakeTorchvisionCIFAR10.downloads += 1
+            os.makedirs(folder, exist_ok=True)
+        if not os.path.isdir(folder):
+            raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+        self.data, self.targets, self.classes = np.zeros((20, 32, 32, 3), np.uint8), [0, 1] * 10, data.CIFAR10_CLASSES
+
+
+def test_cifar10_is_found_without_data_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "REPO", str(tmp_path / "repo"))
+    monkeypatch.setattr(data, "_announced", set())
+    make_tree(tmp_path / "data" / "cifar10", per_class=1)  # 1. ./data/cifar10: 3 classes
+    make_tree(tmp_path / "shared" / "data" / "cifar10", classes=("a", "b"), per_class=1)  # 2. ../shared: 2 classes
+    assert data.build_dataset("cifar10", "", "train", 8)[1] == 3
+    assert data.build_dataset("cifar10", None, "val", 8)[1] == 3
+    assert capsys.readouterr().out.count(f"CIFAR-10 from {tmp_path / 'data' / 'cifar10'}") == 1  # printed once
+    shutil.rmtree(tmp_path / "data" / "cifar10")
+    assert data.build_dataset("cifar10", "", "train", 8)[1] == 2
+    assert data.class_names("cifar10", "") == ["a", "b"]
+    shutil.rmtree(tmp_path / "shared")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeTorchvisionCIFAR10)  # 3. torchvision into ./data
+    ds, k = data.build_dataset("cifar10", "", "train", 32)
+    assert (k, len(ds), FakeTorchvisionCIFAR10.downloads) == (10, 20, 1)
+    assert "downloading it with torchvision into ./data" in capsys.readouterr().out
+    data.build_dataset("cifar10", "", "val", 32)
+    assert FakeTorchvisionCIFAR10.downloads == 1 and data.class_names("cifar10", "") == data.CIFAR10_CLASSES
+    shutil.rmtree(tmp_path / "data")
+
+    def offline(root, train=True, download=False):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>\nmore")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(FileNotFoundError, match="download failed .*name resolution.*--data_path .*train/") as err:
+        data.build_dataset("cifar10", "", "train", 32)
+    assert "\n" not in str(err.value)
+
+
+def test_cifar10_root_with_train_folder_is_an_image_folder(tmp_path):
+    root = make_tree(tmp_path, per_class=2)
+    ds, k = data.build_dataset("cifar10", root, "val", 8)
+    assert k == 3 and len(ds) == 6 and data.class_names("cifar10", root) == ["cat", "dog", "emu"]
+    assert data.class_names("fake", None) == [str(i) for i in range(10)]
+
+
+# ------------------------------------------------------------------------------------------------ packed file
+def test_pack_round_trip(tmp_path, capsys):
+    root = make_tree(tmp_path / "src", per_class=3)
+    write_image(str(tmp_path / "src" / "train" / "dog" / "photo.jpg"), 99)  # JPEG bytes are kept, not re-encoded
+    dst = str(tmp_path / "out" / "c.pack.pth")
+    data.main(["pack", root, dst])
+    assert "train 10 images, test 9 images" in capsys.readouterr().out
+    packed = torch.load(dst, weights_only=True)
+    assert packed["classes"] == ["cat", "dog", "emu"] and set(packed) == {"classes", "train", "test"}
+    files, labels, _ = data.scan(os.path.join(root, "train"))
+    i = files.index(str(tmp_path / "src" / "train" / "dog" / "photo.jpg"))
+    a, b = packed["train"]["offsets"][i:i + 2].tolist()
+    with open(files[i], "rb") as f:
+        assert packed["train"]["bytes"][a:b].numpy().tobytes() == f.read()
+    for split in ("train", "val"):
+        folder, k = data.build_dataset("folder", root, split, 8)
+        for name in ("folder", "cifar10"):
+            ds, k_packed = data.build_dataset(name, dst, split, 8)
+            assert k_packed == k and torch.equal(ds.images, folder.images) and torch.equal(ds.labels, folder.labels)
+    sub, _ = data.build_dataset("folder", dst, "train", 8, subset=3)
+    assert torch.bincount(sub.labels).tolist() == [1, 1, 1]
+    big, _ = data.build_dataset("folder", dst, "val", 72)  # in memory at the stored size, resized per item
+    assert big.images.shape == (9, 3, 8, 8) and big[0][0].shape == (3, 72, 72)
+    assert data.class_names("folder", dst) == ["cat", "dog", "emu"]
+    with pytest.raises(SystemExit) as exit_:
+        data.main(["pack", root, str(tmp_path / "c.bin")])
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: packed file")
+    with pytest.raises(FileNotFoundError, match="python data.py pack"):
+        data.build_dataset("folder", str(tmp_path / "none.pth"), "train", 8)
+    torch.save({"model": {}}, tmp_path / "checkpoint.pth")
+    with pytest.raises(ValueError, match="not a packed dataset .*python data.py pack"):
+        data.build_dataset("cifar10", str(tmp_path / "checkpoint.pth"), "train", 8)

@@ -1,5 +1,6 @@
 """evaluate.py: accuracy against hand computations, ensembles, the 200-class restriction, attention JSD and pictures,
-copy checkpoints with and without their teacher, bad input. Tiny models (16 px, 16 patches) on a few fake images."""
+copy checkpoints with and without their teacher, teachers rebuilt from records, class names, ViT files of any shape,
+outputs that never replace a foreign file, bad input. Tiny models (16 px, 16 patches) on a few fake images."""
 import argparse
 import json
 import math
@@ -14,6 +15,7 @@ import torch
 
 import copy_attention
 import evaluate
+import teacher as teachers
 import train
 import vit
 
@@ -183,12 +185,17 @@ def test_picture_grid_size_and_copy_maps_equal_teachers(tmp_path, copy_ckpt):
                  "--picture_images", "2", "--analysis_images", "4", "--jsd")
     from PIL import Image
     im = Image.open(out)
-    # 2 images x 2 layers x 3 models (teacher, copy, scratch) rows; image + 4 heads columns; 16 px cells, 2 px pads
-    assert im.size == (5 * 18 + 2, 12 * 18 + 2)
-    assert result["pictures"]["rows"][:3] == [f"image 0, layer 0, teacher {teacher}", "image 0, layer 0, " + ckpt,
-                                             "image 0, layer 0, " + scratch]
+    # 2 images x 2 layers x 3 models (teacher, copy, scratch) rows; image + 4 heads columns; 16 px cells, 2 px pads,
+    # beside a margin of row labels and above one of column labels
+    (left, top), pitch = result["pictures"]["origin"], result["pictures"]["pitch"]
+    assert pitch == 18 and 0 < top < 18 and left > 0 and im.size == (left + 5 * 18 + 2, top + 12 * 18 + 2)
+    c = result["jsd"]["classes"][0]  # the class name of analysis image 0 (fake data: '0'..'9')
+    assert c in [str(i) for i in range(10)] and len(result["jsd"]["classes"]) == 4
+    assert result["pictures"]["rows"][:3] == [f"image 0 ({c}), layer 0, teacher {teacher}",
+                                             f"image 0 ({c}), layer 0, " + ckpt, f"image 0 ({c}), layer 0, " + scratch]
+    assert result["pictures"]["columns"] == ["image", "head 0", "head 1", "head 2", "head 3"]
     pix = torch.from_numpy(numpy.asarray(im.convert("RGB")).copy())  # (H, W, 3)
-    cell = lambda r, c: pix[2 + 18 * r:18 * (r + 1), 2 + 18 * c:18 * (c + 1)]
+    cell = lambda r, c: pix[top + 2 + 18 * r:top + 18 * (r + 1), left + 2 + 18 * c:left + 18 * (c + 1)]
     # the copy student runs on its teacher's maps in layer 0 (copied) but not in layer 1; scratch differs from both
     assert torch.equal(cell(0, 1), cell(1, 1)) and not torch.equal(cell(0, 1), cell(2, 1))
     assert not torch.equal(cell(3, 1), cell(4, 1))
@@ -206,9 +213,22 @@ def copy_ckpt(tmp_path):
     teacher = peaked(tiny(7, global_pool=False))
     tpath = str(tmp_path / "teacher.pth")
     torch.save({"model": teacher.state_dict(), "arch": teacher.arch}, tpath)
-    method = dict(teacher=tpath, teacher_sha256=copy_attention.sha256(tpath), teacher_arch=teacher.arch, layers=[0],
-                  heads=4, mode="copy")
-    return save(tmp_path / "copy.pth", peaked(tiny(8)), method=method), tpath
+    student = peaked(tiny(8))
+    method = copy_attention.CopyAttention(student, teachers.Teacher(tpath, student, "0"), "copy").describe()
+    return save(tmp_path / "copy.pth", student, method=method), tpath
+
+
+def test_with_teacher_from_a_distillation_checkpoint(tmp_path, copy_ckpt):
+    """The teacher rebuilt from a distillation checkpoint's record attends as the teacher file itself does."""
+    import distill_attention
+    _, tpath = copy_ckpt
+    student = peaked(tiny(8))
+    method = distill_attention.DistillAttention(student, teachers.Teacher(tpath, student, ":"), "distill").describe()
+    ckpt = save(tmp_path / "d.pth", student, method=method)
+    flags = [*FAKE, "--no_val", "--jsd", "--analysis_images", "2"]
+    jsd = run(ckpt, *flags, "--with_teacher")["jsd"]
+    assert jsd["models"] == [f"teacher {tpath}", ckpt] and all(v["index"] > 1e-3 for v in jsd["pairs"]["0-1"].values())
+    assert run(tpath, ckpt, *flags)["jsd"]["pairs"] == jsd["pairs"]
 
 
 def test_copy_checkpoint_runs_with_its_teacher_and_fails_clearly_without(tmp_path, copy_ckpt):
@@ -218,7 +238,7 @@ def test_copy_checkpoint_runs_with_its_teacher_and_fails_clearly_without(tmp_pat
     ds, _ = evaluate.data.build_dataset("fake", "", "val", 16, subset=20)
     images, labels = torch.stack([ds[i][0] for i in range(20)]), torch.tensor([ds[i][1] for i in range(20)])
     student = peaked(tiny(8))
-    method = copy_attention.CopyAttention(student, teacher, "0", 4, "copy").eval()
+    method = copy_attention.CopyAttention(student, teachers.Teacher(teacher, student, "0"), "copy").eval()
     with torch.no_grad():
         logits, alone = method.predict(student.eval(), images), student(images)
     loss = torch.nn.functional.cross_entropy(logits, labels).item()
@@ -260,3 +280,128 @@ def test_bad_input_is_a_clear_error(tmp_path):
         run(tmp_path / "m.pth", save(tmp_path / "h.pth", tiny(2, num_heads=2)), *FAKE, "--no_val", "--jsd")
     with pytest.raises(ValueError, match="--with_teacher: none of the checkpoints records a teacher"):
         run(tmp_path / "m.pth", *FAKE, "--no_val", "--jsd", "--with_teacher")
+
+
+def folder_data(root, classes, per_class=2):
+    """An ImageFolder tree root/{train,val}/<class>/<i>.png of 16 px images, each class its own colour."""
+    from PIL import Image
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            os.makedirs(root / split / name, exist_ok=True)
+            for i in range(per_class):
+                Image.new("RGB", (16, 16), (80 * c, 30 * i, 200)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_class_names_in_reports_and_pictures(tmp_path):
+    root = folder_data(tmp_path / "data", ["cat", "dog", "frog"])
+    config = dict(dataset="folder", data_path=str(root))
+    ckpt = save(tmp_path / "c.pth", peaked(constant([0.0, 2.0, 1.0])), config=config)  # always 'dog'
+    other = save(tmp_path / "o.pth", peaked(tiny(2, num_classes=3)), config=config)
+    flags = ["--num_workers", "0", "--no_progress", "--pictures", tmp_path / "p.png", "--picture_layers", "1",
+             "--picture_images", "3", "--analysis_images", "3"]
+    result = run(ckpt, other, *flags, "--picture_heads", "mean", "--picture_size", "32")
+    assert result["accuracy"]["val"]["models"][0]["per_class"] == {"cat": 0.0, "dog": 100.0, "frog": 0.0}
+    assert set(result["accuracy"]["val"]["ensemble"]["per_class"]) == {"cat", "dog", "frog"}
+    pic = result["pictures"]  # --picture_heads mean: a row per image, the image then a column per model
+    # one image of each class (class-balanced, in file order)
+    assert pic["rows"] == [f"image {i} ({c}), layer 1" for i, c in enumerate(["cat", "dog", "frog"])]
+    assert pic["columns"] == ["image", ckpt, other] and pic["pitch"] == 34
+    from PIL import Image
+    im = Image.open(tmp_path / "p.png")
+    (left, top) = pic["origin"]
+    assert im.size == (left + 3 * 34 + 2, top + 3 * 34 + 2) and im.info["Software"] == "evaluate.py"
+    margin = numpy.asarray(im.convert("L"))[top:, :left]
+    assert margin.min() < 128  # the row labels are drawn
+    per_head = run(ckpt, other, *flags)["pictures"]  # the flag changes the layout: a row per model, a column per head
+    assert len(per_head["rows"]) == 6 and per_head["columns"] == ["image"] + [f"head {h}" for h in range(4)]
+    # a val/ folder whose classes differ from train/'s is refused (labels would not mean the model's classes)
+    shutil.rmtree(root / "val" / "frog")
+    with pytest.raises(ValueError, match="does not have train/'s classes.*frog"):
+        run(ckpt, "--num_workers", "0", "--no_progress")
+
+
+def test_mean_picture_cell_is_the_mean_over_heads(tmp_path):
+    a, b = model("copy", peaked(tiny(1))), model("scratch", peaked(tiny(2)))
+    a.info, b.info = dict(method="copy"), dict(method="scratch")
+    images = torch.randn(2, 3, 16, 16)
+    lay = evaluate.pictures([a, b], images, ["cat", "dog"], [1], str(tmp_path / "p.png"), mean_heads=True, size=32)
+    assert lay["rows"] == ["image 0 (cat), layer 1", "image 1 (dog), layer 1"]
+    from PIL import Image
+    pix = torch.from_numpy(numpy.asarray(Image.open(tmp_path / "p.png").convert("RGB")).copy()).permute(2, 0, 1)
+    (left, top), p = lay["origin"], lay["pitch"]
+    for r, c, m in ((0, 1, a), (1, 2, b)):
+        want = evaluate.heat(evaluate.cls_attention(m, images, [1])[1][r].mean(0, keepdim=True), 32)[0]
+        got = pix[:, top + 2 + p * r:top + p * (r + 1), left + 2 + p * c:left + p * (c + 1)]
+        assert torch.equal(got, (want * 255).byte())  # torchvision's to_pil_image truncates
+
+
+def test_any_vit_file_runs_given_its_heads(tmp_path):
+    """A ViT of a shape no preset has (width 24, depth 3, MLP ratio 2, 3 heads) as a plain timm-named state dict."""
+    torch.manual_seed(4)
+    odd = vit.VisionTransformer(img_size=16, patch_size=4, embed_dim=24, depth=3, num_heads=3, mlp_ratio=2.0,
+                                num_classes=10, global_pool=False).eval()
+    with torch.no_grad():
+        odd.head.weight.mul_(300)  # logits that depend clearly on the input
+    torch.save(odd.state_dict(), tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match="--teacher_heads"):
+        run(tmp_path / "odd.pth", *FAKE)
+    got = run(tmp_path / "odd.pth", *FAKE, "--teacher_heads", "3", "--pictures", tmp_path / "p.png",
+              "--picture_layers", "2", "--analysis_images", "2")
+    assert {k: got["models"][0]["arch"][k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio")} == \
+        dict(embed_dim=24, depth=3, num_heads=3, mlp_ratio=2.0)
+    assert got["pictures"]["columns"] == ["image", "head 0", "head 1", "head 2"]
+    ds, _ = evaluate.data.build_dataset("fake", "", "val", 16, subset=20)
+    images, labels = torch.stack([ds[i][0] for i in range(20)]), torch.tensor([ds[i][1] for i in range(20)])
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(odd(images), labels).item()
+    assert math.isclose(got["accuracy"]["val"]["models"][0]["loss"], loss, rel_tol=1e-5)
+    # a file that records its input statistics (as pretrain_mae.py exports do) sees the pixels normalised with them
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    torch.save({"model": odd.state_dict(), "arch": odd.arch, "mean": mean, "std": std}, tmp_path / "stats.pth")
+    pixels = images * torch.tensor(evaluate.data.STD).view(3, 1, 1) + torch.tensor(evaluate.data.MEAN).view(3, 1, 1)
+    with torch.no_grad():
+        own = odd((pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))
+    got = run(tmp_path / "stats.pth", *FAKE)["accuracy"]["val"]["models"][0]["loss"]
+    assert math.isclose(got, torch.nn.functional.cross_entropy(own, labels).item(), rel_tol=1e-5)
+    assert not math.isclose(got, loss, rel_tol=1e-3)
+
+
+def test_outputs_never_replace_a_foreign_file(tmp_path):
+    ckpt = save(tmp_path / "m.pth", tiny(1))
+    before = (tmp_path / "m.pth").read_bytes()
+    for flag in ("--output", "--pictures"):
+        with pytest.raises(ValueError, match=f"{flag} .*m.pth exists and is not an output of evaluate.py"):
+            run(ckpt, *FAKE, flag, ckpt)
+    assert (tmp_path / "m.pth").read_bytes() == before
+    from PIL import Image
+    Image.new("RGB", (4, 4)).save(tmp_path / "photo.png")
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    for flag, name in (("--pictures", "photo.png"), ("--output", "notes.json")):
+        with pytest.raises(ValueError, match="not an output of evaluate.py"):
+            run(ckpt, *FAKE, flag, tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="no folder"):
+        run(ckpt, *FAKE, "--output", tmp_path / "none" / "r.json")
+    # its own outputs are replaced
+    outputs = ["--output", tmp_path / "r.json", "--pictures", tmp_path / "p.png", "--analysis_images", "2"]
+    run(ckpt, *FAKE, *outputs)
+    first = (tmp_path / "r.json").read_text()
+    run(ckpt, *FAKE, *outputs, "--val_subset", "10")
+    assert json.loads((tmp_path / "r.json").read_text())["accuracy"]["val"]["images"] == 10 != \
+        json.loads(first)["accuracy"]["val"]["images"]
+
+
+def test_bad_input_through_the_cli_changes_nothing(tmp_path):
+    """Exit 2, one line `error: ...`, no traceback, and every file in the output folder as it was."""
+    ckpt = save(tmp_path / "m.pth", tiny(1))
+    run(ckpt, *FAKE, "--output", tmp_path / "r.json", "--pictures", tmp_path / "p.png", "--analysis_images", "2")
+    files = lambda: {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    before = files()
+    outputs = ["--output", tmp_path / "r.json", "--pictures", tmp_path / "p.png", "--no_progress"]
+    argv = [ckpt, "--dataset", "folder", "--data_path", tmp_path / "missing", *outputs]
+    r = subprocess.run([sys.executable, "evaluate.py", *map(str, argv)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: no folder") and r.stdout == "", r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match="unknown model"):  # in-process: train.cli makes it the same one line
+        run(tmp_path / "nope.pth", *FAKE, *outputs)
+    assert files() == before
