@@ -454,11 +454,37 @@ def evaluate(args):
     return result
 
 
+def plot_curves(logs, path):
+    """Top-1 per epoch of each run, from its log.jsonl (train.py writes one line an epoch), into one PNG. The only
+    use of matplotlib in this repository (pip install matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--curves draws with matplotlib, which is not installed: pip install matplotlib") from None
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for log in logs:
+        with open(log) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        if not rows or "val_acc1" not in rows[0]:
+            raise ValueError(f"{log} is not a log.jsonl of a classifier run (no val_acc1): pass train.py's logs")
+        name = os.path.splitext(os.path.basename(log))[0]
+        name = os.path.basename(os.path.dirname(os.path.abspath(log))) if name == "log" else name
+        ax.plot([r["epoch"] + 1 for r in rows], [r["val_acc1"] for r in rows], marker="o", label=name)
+    ax.set(xlabel="epoch", ylabel="top-1 (%), validation images", title="top-1 per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", metadata={"Software": MARK}))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate checkpoints: accuracy, ensembles, distribution shift, and "
                                 "attention analysis.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="checkpoint files (this repository's, or any ViT "
-                   "vit.load_pretrained reads: MAE, timm, DeiT, DINO) or teacher names")
+                   "vit.load_pretrained reads: MAE, timm, DeiT, DINO) or teacher names; with --curves, log.jsonl files")
+    p.add_argument("--curves", metavar="PNG", help="only draw top-1 per epoch of the given log.jsonl files (matplotlib)")
     p.add_argument("--ema", action="store_true", help="EMA weights where a checkpoint has them (raw otherwise)")
     p.add_argument("--teacher", help="the teacher file for copy checkpoints / --with_teacher, instead of the recorded")
     p.add_argument("--teacher_heads", type=int, help="heads per layer, for a file that does not record them")
@@ -504,9 +530,11 @@ def main(argv=None):
             raise ValueError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if args.with_teacher and not args.analysed:
         raise ValueError("--with_teacher adds the teacher to --jsd / --pictures: pass one of them")
-    for flag, path in (("--output", args.output), ("--pictures", args.pictures)):
+    for flag, path in (("--output", args.output), ("--pictures", args.pictures), ("--curves", args.curves)):
         if path:
             check_writable(flag, path)
+    if args.curves:
+        return plot_curves(args.checkpoints, args.curves)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON alone (data.py and the logs print)
         result = evaluate(args)
     print(table(result), file=sys.stderr)

@@ -405,3 +405,23 @@ def test_bad_input_through_the_cli_changes_nothing(tmp_path):
     with pytest.raises(ValueError, match="unknown model"):  # in-process: train.cli makes it the same one line
         run(tmp_path / "nope.pth", *FAKE, *outputs)
     assert files() == before
+
+
+def test_curves_draws_top1_per_epoch_or_names_matplotlib(tmp_path):
+    logs = []
+    for name, accs in (("scratch", [10, 20]), ("distill", [15, 30])):
+        (tmp_path / name).mkdir()
+        logs.append(tmp_path / name / "log.jsonl")
+        logs[-1].write_text("".join(json.dumps({"epoch": e, "val_acc1": a}) + "\n" for e, a in enumerate(accs)))
+    png = tmp_path / "curves.png"
+    try:
+        import matplotlib  # noqa: F401 -- optional: only --curves uses it
+    except ImportError:
+        with pytest.raises(ValueError, match="pip install matplotlib"):
+            evaluate.main([*map(str, logs), "--curves", str(png)])
+        return
+    evaluate.main([*map(str, logs), "--curves", str(png)])
+    assert evaluate.written_here(png)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"epoch": 0, "train_loss": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="no val_acc1"):
+        evaluate.main([str(tmp_path / "bad.jsonl"), "--curves", str(png)])
