@@ -38,7 +38,7 @@ class MAE(vit.VisionTransformer):
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, p * p * self.arch["in_chans"])
         for m in [self.decoder_embed, *self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
-            m.apply(vit._init_weights)
+            m.apply(vit.init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
         with torch.no_grad():  # fixed sin-cos position embeddings (MAE); fine-tuning later learns from them
             self.pos_embed.copy_(sincos_pos_embed(D, self.grid))
@@ -100,11 +100,8 @@ class MAEPretrain(train.Baseline):
 
 
 @torch.no_grad()
-def save_outputs(model, val_set, output_dir, count=8):
-    """The encoder in MAE's format (float16) and a reconstruction picture of `count` validation images."""
-    encoder = {k: v.half() for k, v in model.state_dict().items() if not k.startswith(("decoder_", "mask_token"))}
-    train.save_atomic({"model": encoder, "arch": model.arch},
-                      os.path.join(output_dir, "mae_encoder.pth"))
+def save_picture(model, val_set, path, count=8):
+    """Rows of `count` validation images: original, masked input, reconstruction."""
     model.eval()
     images = torch.stack([val_set[i][0] for i in range(min(count, len(val_set)))]).to(next(model.parameters()).device)
     _, pred, mask = model.forward_loss(images)
@@ -114,23 +111,42 @@ def save_outputs(model, val_set, output_dir, count=8):
     recon = model.unpatchify(pred * mask[:, :, None] + target * (1 - mask[:, :, None]))
     mean, std = torch.tensor(data.MEAN).view(3, 1, 1), torch.tensor(data.STD).view(3, 1, 1)
     rows = [(t.cpu() * std + mean).clamp(0, 1) for t in (images, masked, recon)]
-    torchvision.utils.save_image(torch.cat(rows), os.path.join(output_dir, "reconstruction.png"), nrow=len(images))
+    torchvision.utils.save_image(torch.cat(rows), path, nrow=len(images))
 
 
-# MAE pre-training recipe (He et al. 2022): 800-1600 epochs, 40 warmup, batch 4096, norm_pix_loss.
-PRETRAIN = dict(model="vit_base_patch16", epochs=800, warmup_epochs=40, blr=1.5e-4, min_lr=0.0, weight_decay=0.05,
-                layer_decay=1.0, beta2=0.95, drop_path=0.0, ema=0.0, batch_size=64, mixup=0.0, cutmix=0.0,
-                smoothing=0.0, aug="crop")
-PRETRAIN_CIFAR = dict(PRETRAIN, model="vit_tiny_cifar", input_size=32, batch_size=256, epochs=100, warmup_epochs=5,
-                      decoder_dim=128, decoder_depth=2, decoder_heads=4)
+# MAE's pre-training recipe for ViT-B (He et al. 2022, Appendix A.1): 800 epochs (1600 in its best runs), batch 4096.
+PRETRAIN = dict(
+    model="vit_base_patch16", input_size=224, epochs=800, warmup_epochs=40, batch_size=64,  # per GPU; x 64 = 4096
+    blr=1.5e-4, min_lr=0.0, min_lr_ratio=None, beta2=0.95, weight_decay=0.05, layer_decay=1.0,
+    drop_path=0.0, ema=0.0, aug="crop", reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0,  # crop + flip only
+    mask_ratio=0.75, decoder_dim=512, decoder_depth=8, decoder_heads=16,
+)
+# The shipped CIFAR-10 teacher (README "The shipped teachers"): the student's shape, a 1-block decoder (MAE's Table 1a:
+# depth 1 costs little for fine-tuning) and a higher lr than MAE's for a 48-epoch schedule on a 2-core CPU.
+PRETRAIN_CIFAR = dict(
+    model="vit_tiny_cifar", input_size=32, dataset="cifar10", data_path="", epochs=48, warmup_epochs=2,
+    batch_size=256, blr=1e-3, min_lr=0.0, min_lr_ratio=None, beta2=0.95, weight_decay=0.05, layer_decay=1.0,
+    drop_path=0.0, ema=0.0, aug="crop", reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0,
+    mask_ratio=0.75, decoder_dim=128, decoder_depth=1, decoder_heads=4,
+)
+
+
+def export_encoder(checkpoint, path, mean=None, std=None):
+    """A pre-training checkpoint (this script's checkpoint.pth) -> the encoder in MAE's format {'model': ...} with
+    timm names, float16 (half the size; cast back on load), with its architecture and input statistics recorded."""
+    ckpt = vit.load_file(checkpoint)
+    encoder = {k: v.half() for k, v in ckpt["model"].items() if not k.startswith(("decoder_", "mask_token"))}
+    arch = {k: v for k, v in ckpt["arch"].items() if k not in ("drop_path",)}
+    train.save_atomic({"model": encoder, "arch": arch, "epoch": ckpt["epoch"], "mean": list(mean or data.MEAN),
+                       "std": list(std or data.STD)}, path)
 
 
 def main(argv=None):
     parser = train.get_args_parser("MAE pre-training of a ViT encoder.", PRETRAIN, {"cifar": PRETRAIN_CIFAR})
-    parser.add_argument("--mask_ratio", type=float, default=0.75)
-    parser.add_argument("--decoder_dim", type=int, default=512)
-    parser.add_argument("--decoder_depth", type=int, default=8)
-    parser.add_argument("--decoder_heads", type=int, default=16)
+    parser.add_argument("--mask_ratio", type=float, help="share of the patches masked")
+    parser.add_argument("--decoder_dim", type=int, help="decoder width")
+    parser.add_argument("--decoder_depth", type=int, help="decoder blocks")
+    parser.add_argument("--decoder_heads", type=int, help="decoder heads")
     args = train.parse_args(parser, argv)
 
     def make_model(args, _):
@@ -139,11 +155,13 @@ def main(argv=None):
                    patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads)
 
     if train.run(args, lambda model, _: MAEPretrain(model), make_model) is not None and int(os.environ.get("RANK", 0)) == 0:
+        checkpoint = os.path.join(args.output_dir, "checkpoint.pth")
+        export_encoder(checkpoint, os.path.join(args.output_dir, "mae_encoder.pth"))
         model = make_model(args, 0)
-        model.load_state_dict(torch.load(os.path.join(args.output_dir, "checkpoint.pth"), weights_only=True)["model"])
+        model.load_state_dict(vit.load_file(checkpoint)["model"])
         val_set, _ = data.build_dataset(args.dataset, args.data_path, "val", args.input_size, subset=8, seed=args.seed)
-        save_outputs(model, val_set, args.output_dir)
-        print(f"wrote {args.output_dir}/mae_encoder.pth and reconstruction.png")
+        save_picture(model, val_set, os.path.join(args.output_dir, "reconstruction.png"))
+        train.print0(f"wrote {args.output_dir}/mae_encoder.pth and reconstruction.png")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ FAST = ["--dataset", "fake", "--model", "vit_micro_cifar", "--input_size", "32",
 
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory):
-    """A vit_micro_cifar teacher written in the official MAE format (encoder + decoder keys + mask_token)."""
+    """A vit_micro_cifar teacher written in the official MAE format (encoder + decoder keys + mask_token), which does
+    not record its heads: the runs pass --teacher_heads."""
     mae = pretrain_mae.MAE(64, 1, 4, img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4)
     path = tmp_path_factory.mktemp("teacher") / "mae_pretrain_vit_micro.pth"
     torch.save({"model": mae.state_dict()}, path)
@@ -26,10 +27,9 @@ def teacher_file(tmp_path_factory):
 @pytest.mark.parametrize("script,mode", [(copy_attention, "copy"), (copy_attention, "copy_q"),
                                          (distill_attention, "distill"), (distill_attention, "distill_v")])
 def test_two_step_cli_run_on_fake_data(tmp_path, teacher_file, script, mode, capsys):
-    stats = script.main(FAST + ["--teacher", teacher_file, "--mode", mode, "--layers", ":4",
-                                "--output_dir", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert f"{mode}: " in out and "of layers 0-3 of 6" in out and "teacher runs 4 of its 6 blocks" in out
+    stats = script.main(FAST + ["--teacher", teacher_file, "--teacher_heads", "4", "--mode", mode, "--layers",
+                                ":4", "--output_dir", str(tmp_path)])
+    assert "layers 0-3 of 6, heads 4/4, runs 4 blocks" in capsys.readouterr().out  # the teacher runs 4 of 6 blocks
     assert stats["step"] == 2 and "val_acc1" in stats
     if script is distill_attention:
         assert stats["train_atd"] > 0 and stats["train_task"] > 0
@@ -39,8 +39,10 @@ def test_two_step_cli_run_on_fake_data(tmp_path, teacher_file, script, mode, cap
 
 
 def test_distilled_student_fine_tunes_without_teacher(tmp_path, teacher_file):
-    distill_attention.main(FAST + ["--teacher", teacher_file, "--layers", ":", "--output_dir", str(tmp_path / "d")])
-    stats = train.main(FAST + ["--finetune", str(tmp_path / "d" / "checkpoint.pth"), "--output_dir", str(tmp_path / "f")])
+    distill_attention.main(FAST + ["--teacher", teacher_file, "--teacher_heads", "4", "--layers", ":",
+                                   "--output_dir", str(tmp_path / "d")])
+    stats = train.main(FAST + ["--finetune", str(tmp_path / "d" / "checkpoint.pth"),
+                               "--output_dir", str(tmp_path / "f")])
     assert stats["step"] == 2
 
 
