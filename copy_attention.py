@@ -20,9 +20,106 @@ def copy_reference(q_t, k_t, v_s):
     return attn @ v_s
 
 
+# ------------------------------------------------------------------- the same, without the map (what training runs)
+# A torch.library custom op with its own backward, so torch.compile treats it as opaque and saves O(N) per head. The
+# teacher is frozen, so backward is only dv_s = P^T dout (SDPA's own backward would also form dq and dk). On CPU both
+# directions are one call of the flash kernel SDPA runs there, which also returns the row log-sum-exp lse:
+#     P^T x = attend(k_t, q_t, x, bias -lse_i on key i) * exp(lse'),
+# since the softmax over i of (s_ij - lse_i) is P_ij / Z_j and that call's own lse' is log Z_j. Elsewhere the forward
+# is SDPA and backward recomputes P in blocks of heads.
+#
+# Elements of one (heads, N, N) block. CPU: 1 MiB in float32 stays in cache, and no large block is freed (freeing a
+# 32 MiB one makes glibc raise its mmap threshold to 32 MiB and keep later frees in its heap: peak RSS 1.6x scratch).
+BLOCK = {"cpu": 2 ** 18}
+BLOCK_DEFAULT = 2 ** 26  # elsewhere (GPUs) 256 MiB in float32: fewer kernel launches
+FLASH_CPU = True  # use the CPU flash kernel where it applies (tests switch it off to run the portable path on CPU)
+
+
+def _compute_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _blocks(bh, n, device):
+    """Slices of the flattened (batch * heads) dimension, each a block of at most BLOCK elements of (n, n)."""
+    step = max(1, BLOCK.get(device.type, BLOCK_DEFAULT) // (n * n))
+    return [slice(i, i + step) for i in range(0, bh, step)]
+
+
+def _flat(t):
+    return t.reshape(-1, *t.shape[2:])  # (B, H, N, D) -> (B * H, N, D)
+
+
+def _flash_cpu(q, k, v, scale, bias=None):
+    """softmax(q k^T * scale + bias) v and its row log-sum-exp by the CPU flash kernel, (B, H, Nq, Dv), (B, H, Nq).
+    bias: None or (B, H, 1, Nk), added to every query row. The kernel needs equal head widths: zero columns change
+    no logit and add zero output columns."""
+    d = max(q.shape[-1], v.shape[-1])
+    pad = lambda t: t if t.shape[-1] == d else F.pad(t, (0, d - t.shape[-1]))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(pad(q), pad(k), pad(v), attn_mask=bias,
+                                                                          scale=scale)
+    return out[..., :v.shape[-1]], lse.contiguous()  # lse comes (B, N, H)-strided
+
+
+@torch.library.custom_op("copy_attention::copy_forward", mutates_args=())
+def _copy_forward(q_t: torch.Tensor, k_t: torch.Tensor, v_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (output, row log-sum-exp of the map, or an empty tensor where backward recomputes the map instead)."""
+    with torch.autocast(q_t.device.type, enabled=False):
+        if q_t.device.type == "cpu" and FLASH_CPU:
+            out, lse = _flash_cpu(q_t, k_t, v_s, q_t.shape[-1] ** -0.5)
+        else:
+            out, lse = F.scaled_dot_product_attention(q_t, k_t, v_s), q_t.new_empty(0, dtype=_compute_dtype(q_t))
+    # laid out (B, N, H, D) in memory, as SDPA's output on a block's qkv is: the block's out.transpose(1, 2)
+    # .reshape(B, N, C) is then a view, not one more copy
+    return out.transpose(1, 2).contiguous().transpose(1, 2), lse
+
+
+@_copy_forward.register_fake
+def _(q_t, k_t, v_s):
+    B, H, N, _ = q_t.shape
+    lse = (B, H, N) if q_t.device.type == "cpu" and FLASH_CPU else (0,)
+    return v_s.new_empty(B, N, H, v_s.shape[-1]).transpose(1, 2), q_t.new_empty(lse, dtype=_compute_dtype(q_t))
+
+
+@torch.library.custom_op("copy_attention::copy_backward", mutates_args=())
+def _copy_backward(q_t: torch.Tensor, k_t: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """dv = P^T grad, (B, H, N, D_s) in grad's dtype; float32 products whatever the forward ran in."""
+    dt, a = _compute_dtype(grad), q_t.shape[-1] ** -0.5
+    q_t, k_t, g = q_t.to(dt), k_t.to(dt), grad.to(dt)
+    with torch.autocast(q_t.device.type, enabled=False):
+        if lse.numel():  # CPU flash: the transposed attention, the map's lse as a bias on its keys
+            out, lse_t = _flash_cpu(k_t, q_t, g, a, -lse[:, :, None, :].to(dt))
+            return (out * lse_t.exp()[..., None]).to(grad.dtype).contiguous()
+        q, k, g, dv = _flat(q_t), _flat(k_t), _flat(g), torch.empty_like(_flat(g))
+        for h in _blocks(q.shape[0], q.shape[1], q.device):
+            p = torch.softmax(torch.bmm(q[h], k[h].transpose(1, 2)) * a, -1)  # (heads, N, N), recomputed
+            torch.bmm(p.transpose(1, 2), g[h], out=dv[h])
+        return dv.view(grad.shape).to(grad.dtype)
+
+
+@_copy_backward.register_fake
+def _(q_t, k_t, lse, grad):
+    return grad.new_empty(*k_t.shape[:3], grad.shape[-1])
+
+
+def _copy_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1], output[1])  # q_t, k_t: (B, H, N, D_t); lse (B, H, N); no v_s
+
+
+def _copy_grad(ctx, grad_out, _grad_lse):
+    q_t, k_t, lse = ctx.saved_tensors
+    return None, None, _copy_backward(q_t, k_t, lse, grad_out)  # the teacher's q and k are frozen
+
+
+_copy_forward.register_autograd(_copy_grad, setup_context=_copy_setup)
+
+
 def copy_fast(q_t, k_t, v_s):
-    """The same, without the map: SDPA(q_t, k_t, v_s) never materialises softmax(q_t k_t^T) (tested equal)."""
-    return F.scaled_dot_product_attention(q_t, k_t, v_s)
+    """softmax(q_t k_t^T * scale) v_s without keeping the map; gradient for v_s only (q_t, k_t: a frozen teacher's).
+    (B, H, N, D_t), (B, H, N, D_t), (B, H, N, D_s) -> (B, H, N, D_s); under autocast in its dtype, as SDPA runs."""
+    device = v_s.device.type
+    dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+             else torch.promote_types(torch.promote_types(q_t.dtype, k_t.dtype), v_s.dtype))
+    return _copy_forward(q_t.detach().to(dtype), k_t.detach().to(dtype), v_s.to(dtype))[0]
 
 
 def compact(t):

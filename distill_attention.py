@@ -7,8 +7,6 @@ attention cross-entropy (atd_weight = lambda = 3, no temperature).
     python distill_attention.py --preset cifar                           # CPU, CIFAR-10, the shipped teacher
     torchrun --nproc_per_node=8 distill_attention.py --teacher mae_vit_l --data_path /imagenet
 """
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -24,46 +22,82 @@ def attention_ce_reference(q_s, k_s, q_t, k_t):
     return -(p_t * log_p_s).sum(-1).mean()
 
 
-def attention_ce(q_s, k_s, q_t, k_t, rows=None):
-    """The same, without keeping a map: computed in blocks of query rows and recomputed in backward (tested equal).
-    rows: query rows per block; by default as many as keep one block under 2^26 elements."""
-    B, H, N, _ = q_s.shape
-    rows = rows or max(1, min(N, 2 ** 26 // (B * H * N)))
-    return AttentionCE.apply(q_s, k_s, q_t.detach(), k_t.detach(), rows) / (B * H * N)
+# ------------------------------------------------------------------- the same, without the map (what training runs)
+# Per query row i, with s = q_s k_s^T * a_s and p_t the teacher's row: CE_i = -sum_j p_t(i, j) log softmax(s)_ij and
+# dCE_i/ds_ij = softmax(s)_ij - p_t(i, j), so dq_s = a_s (softmax(s) - p_t) k_s and dk_s = a_s (softmax(s) - p_t)^T q_s.
+# The loss is a scalar, so one pass over blocks of heads forms s, p_t, the loss and both gradients (four matmuls per
+# block, where recomputing in backward takes six), and backward only scales the two saved (B, H, N, D_s) gradients.
+# A torch.library custom op, so torch.compile treats it as opaque: nothing N x N is saved, compiled or eager. Float32
+# inside (float64 stays float64) whatever the input dtype.
+#
+# Elements of one (heads, N, N) block. CPU: 1 MiB in float32 stays in cache, and no large block is freed (freeing a
+# 32 MiB one makes glibc raise its mmap threshold to 32 MiB and keep later frees in its heap: peak RSS 1.6x scratch).
+BLOCK = {"cpu": 2 ** 18}
+BLOCK_DEFAULT = 2 ** 26  # elsewhere (GPUs) 256 MiB in float32: fewer kernel launches
 
 
-class AttentionCE(torch.autograd.Function):
-    """Sum over (batch, head, query) of CE(softmax(t), softmax(s)), s = q_s k_s^T * scale_s, t = q_t k_t^T * scale_t.
-    Per query row CE = logsumexp(s) - sum_j p_t(j) s_j and dCE/ds = softmax(s) - p_t, in float32 whatever the
-    autocast dtype; only q and k (O(N)) are saved for backward."""
-
-    @staticmethod
-    def forward(ctx, q_s, k_s, q_t, k_t, rows):
-        ctx.save_for_backward(q_s, k_s, q_t, k_t)
-        ctx.rows = rows
-        with torch.autocast(q_s.device.type, enabled=False):
-            return sum((torch.logsumexp(s, -1) - (p_t * s).sum(-1)).sum() for s, p_t, _ in _blocks(q_s, k_s, q_t, k_t,
-                                                                                                  rows))
-
-    @staticmethod
-    def backward(ctx, grad):
-        q_s, k_s, q_t, k_t = ctx.saved_tensors
-        dq, dk = torch.empty_like(q_s, dtype=torch.float32), torch.zeros_like(k_s, dtype=torch.float32)
-        with torch.autocast(q_s.device.type, enabled=False):
-            for s, p_t, r in _blocks(q_s, k_s, q_t, k_t, ctx.rows):
-                ds = (torch.softmax(s, -1) - p_t) * (grad / math.sqrt(q_s.shape[-1]))  # (B, H, rows, N): dCE/d(q k^T)
-                dq[:, :, r] = ds @ k_s.float()
-                dk += ds.transpose(-2, -1) @ q_s[:, :, r].float()
-        return dq.to(q_s.dtype), dk.to(k_s.dtype), None, None, None
+def _compute_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _blocks(q_s, k_s, q_t, k_t, rows):
-    """(student logits, teacher probabilities, row slice) for consecutive blocks of query rows, in float32."""
-    kst, ktt = k_s.float().transpose(-2, -1), k_t.float().transpose(-2, -1)
-    for i in range(0, q_s.shape[2], rows):
-        r = slice(i, i + rows)
-        yield ((q_s[:, :, r].float() @ kst) / math.sqrt(q_s.shape[-1]),
-               torch.softmax((q_t[:, :, r].float() @ ktt) / math.sqrt(q_t.shape[-1]), -1), r)
+def _blocks(bh, n, device):
+    """Slices of the flattened (batch * heads) dimension, each a block of at most BLOCK elements of (n, n)."""
+    step = max(1, BLOCK.get(device.type, BLOCK_DEFAULT) // (n * n))
+    return [slice(i, i + step) for i in range(0, bh, step)]
+
+
+def _flat(t):
+    return t.reshape(-1, *t.shape[2:])  # (B, H, N, D) -> (B * H, N, D)
+
+
+@torch.library.custom_op("distill_attention::attention_ce", mutates_args=())
+def _attention_ce(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, grads: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (mean CE, its gradients for q_s and k_s in their dtypes; empty tensors when not `grads`)."""
+    dt = _compute_dtype(q_s)
+    a, a_t, n = q_s.shape[-1] ** -0.5, q_t.shape[-1] ** -0.5, q_s.shape[:3].numel()
+    q, k, q_t, k_t = (_flat(t.to(dt)) for t in (q_s, k_s, q_t, k_t))  # (B * H, N, D)
+    qa, qa_t = q * a, q_t * a_t
+    loss = q.new_zeros(())
+    dq, dk = (torch.empty_like(q), torch.empty_like(k)) if grads else (None, None)
+    with torch.autocast(q.device.type, enabled=False):
+        for h in _blocks(q.shape[0], q.shape[1], q.device):
+            log_p = torch.log_softmax(torch.bmm(qa[h], k[h].transpose(1, 2)), -1)  # (heads, N, N), the student's
+            p_t = torch.softmax(torch.bmm(qa_t[h], k_t[h].transpose(1, 2)), -1)    # the teacher's rows
+            loss -= torch.dot(p_t.view(-1), log_p.view(-1))
+            if grads:
+                ds = log_p.exp_().sub_(p_t)  # dCE/ds = softmax(s) - p_t, in place of log_p
+                torch.bmm(ds, k[h], out=dq[h])
+                torch.bmm(ds.transpose(1, 2), q[h], out=dk[h])
+    if not grads:
+        return loss / n, q_s.new_empty(0), k_s.new_empty(0)
+    return loss / n, (dq * (a / n)).view(q_s.shape).to(q_s.dtype), (dk * (a / n)).view(k_s.shape).to(k_s.dtype)
+
+
+@_attention_ce.register_fake
+def _(q_s, k_s, q_t, k_t, grads):
+    loss = q_s.new_empty((), dtype=_compute_dtype(q_s))  # the gradients come contiguous, whatever q_s's strides
+    return (loss, q_s.new_empty(q_s.shape), k_s.new_empty(k_s.shape)) if grads else (loss, q_s.new_empty(0),
+                                                                                      k_s.new_empty(0))
+
+
+def _ce_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])  # dq, dk: (B, H, N, D_s) each, all that backward needs
+
+
+def _ce_grad(ctx, grad, *_):
+    dq, dk = ctx.saved_tensors
+    return (grad * dq).to(dq.dtype), (grad * dk).to(dk.dtype), None, None, None
+
+
+_attention_ce.register_autograd(_ce_grad, setup_context=_ce_setup)
+
+
+def attention_ce(q_s, k_s, q_t, k_t):
+    """Mean over (batch, head, query) of CE(softmax(q_t k_t^T * scale_t), softmax(q_s k_s^T * scale_s)) without
+    keeping the maps; gradients for q_s and k_s only. (B, H, N, D_s) x 2, (B, H, N, D_t) x 2 -> float32 scalar."""
+    grads = torch.is_grad_enabled() and (q_s.requires_grad or k_s.requires_grad)
+    return _attention_ce(q_s, k_s, q_t.detach(), k_t.detach(), grads)[0]
 
 
 # ------------------------------------------------------------------------------------------ the student's attention

@@ -14,11 +14,13 @@ def qk(B, H, N, D, seed, requires_grad=False):
     return [torch.randn(B, H, N, D, generator=g, dtype=torch.float64).requires_grad_(requires_grad) for _ in range(2)]
 
 
-@pytest.mark.parametrize("N,rows", [(17, 4), (16, 4), (65, 64), (9, None)])
-def test_blocked_loss_and_gradients_equal_naive_float64(N, rows):
+@pytest.mark.parametrize("N,heads_per_block", [(17, 1), (16, 4), (65, 2), (9, None)])
+def test_blocked_loss_and_gradients_equal_naive_float64(N, heads_per_block, monkeypatch):
+    if heads_per_block:  # several blocks of heads, the last one partial
+        monkeypatch.setattr(distill_attention, "BLOCK", {"cpu": heads_per_block * N * N})
     q_s, k_s = qk(2, 3, N, 8, 0, requires_grad=True)
     q_t, k_t = qk(2, 3, N, 8, 1)
-    ours = distill_attention.attention_ce(q_s, k_s, q_t, k_t, rows)
+    ours = distill_attention.attention_ce(q_s, k_s, q_t, k_t)
     ref = naive_ce(q_s, k_s, q_t, k_t)
     assert torch.allclose(ours.double(), ref, atol=1e-6, rtol=0)
     g_ours = torch.autograd.grad(ours, (q_s, k_s))
@@ -30,7 +32,7 @@ def test_blocked_loss_and_gradients_equal_naive_float64(N, rows):
 def test_head_subset_and_different_head_dims():
     q_s, k_s = qk(2, 4, 11, 8, 0, requires_grad=True)
     q_t, k_t = qk(2, 4, 11, 16, 1)  # a wider teacher: maps exchange, head dims need not match
-    ours = distill_attention.attention_ce(q_s[:, :2], k_s[:, :2], q_t[:, :2], k_t[:, :2], rows=3)
+    ours = distill_attention.attention_ce(q_s[:, :2], k_s[:, :2], q_t[:, :2], k_t[:, :2])
     ref = naive_ce(q_s[:, :2], k_s[:, :2], q_t[:, :2], k_t[:, :2])
     assert torch.allclose(ours.double(), ref, atol=1e-6)
     (g,) = torch.autograd.grad(ours, (q_s,))
@@ -40,7 +42,7 @@ def test_head_subset_and_different_head_dims():
 def test_loss_is_minimal_when_student_equals_teacher():
     q, k = qk(2, 3, 13, 8, 0)
     q_s, k_s = q.clone().requires_grad_(), k.clone().requires_grad_()
-    loss = distill_attention.attention_ce(q_s, k_s, q, k, rows=5)
+    loss = distill_attention.attention_ce(q_s, k_s, q, k)
     g_q, g_k = torch.autograd.grad(loss, (q_s, k_s))
     assert g_q.abs().max() < 1e-12 and g_k.abs().max() < 1e-12
     entropy = naive_ce(q, k, q, k)  # CE(p, p) = H(p): the minimum
@@ -53,7 +55,7 @@ def test_loss_is_float32_under_bf16_autocast():
     q_s, k_s = [t.float().bfloat16().requires_grad_() for t in qk(1, 2, 9, 8, 0)]
     q_t, k_t = [t.float().bfloat16() for t in qk(1, 2, 9, 8, 1)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = distill_attention.attention_ce(q_s, k_s, q_t, k_t, rows=4)
+        loss = distill_attention.attention_ce(q_s, k_s, q_t, k_t)
     assert loss.dtype == torch.float32
     loss.backward()
     assert q_s.grad.dtype == torch.bfloat16
