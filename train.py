@@ -97,7 +97,8 @@ RANGES = dict(epochs="[1, inf)", warmup_epochs="[0, inf)", batch_size="[1, inf)"
               weight_decay="[0, inf)", layer_decay="(0, 1]", beta2="[0, 1)", clip_grad="(0, inf)", ema="[0, 1)",
               drop_path="[0, 1)", smoothing="[0, 1)", mixup="[0, inf)", cutmix="[0, inf)", reprob="[0, 1]",
               subset="[1, inf)", val_subset="[1, inf)", num_workers="[0, inf)", save_every_min="(0, inf)",
-              mask_ratio="(0, 1)", atd_weight="[0, inf)")
+              mask_ratio="(0, 1)", atd_weight="[0, inf)", decoder_dim="[1, inf)", decoder_depth="[1, inf)",
+              decoder_heads="[1, inf)", heads="[1, inf)", teacher_heads="[1, inf)")
 # Config values that do not change what a run computes: a resume may differ in these.
 NOT_RESULTS = {"output_dir", "resume", "num_workers", "no_progress", "eval", "device", "save_every_min", "compile",
                "download", "preset"}

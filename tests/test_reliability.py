@@ -270,3 +270,19 @@ def test_every_range_is_checked_with_one_line(tmp_path, capsys, extra, message):
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (tmp_path / "out").exists()  # nothing created
+
+
+@pytest.mark.parametrize("script,extra,message", [
+    ("pretrain_mae", ["--decoder_depth", "0"], "--decoder_depth 0 is out of range"),
+    ("distill_attention", ["--teacher_heads", "0"], "--teacher_heads 0 is out of range"),
+    ("copy_attention", ["--heads", "-1"], "--heads -1 is out of range"),
+])
+def test_method_script_ranges_are_checked(tmp_path, capsys, script, extra, message):
+    import importlib
+    import train
+    main = importlib.import_module(script).main
+    with pytest.raises(SystemExit) as exit:
+        train.cli(lambda: main(FAST + ["--output_dir", str(tmp_path / "out")] + extra))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "out").exists()
