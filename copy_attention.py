@@ -28,25 +28,7 @@ def copy_reference(q_t, k_t, v_s):
 # since the softmax over i of (s_ij - lse_i) is P_ij / Z_j and that call's own lse' is log Z_j. Elsewhere the forward
 # is SDPA and backward recomputes P in blocks of heads.
 #
-# Elements of one (heads, N, N) block. CPU: 1 MiB in float32 stays in cache, and no large block is freed (freeing a
-# 32 MiB one makes glibc raise its mmap threshold to 32 MiB and keep later frees in its heap: peak RSS 1.6x scratch).
-BLOCK = {"cpu": 2 ** 18}
-BLOCK_DEFAULT = 2 ** 26  # elsewhere (GPUs) 256 MiB in float32: fewer kernel launches
-FLASH_CPU = True  # use the CPU flash kernel where it applies (tests switch it off to run the portable path on CPU)
-
-
-def _compute_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _blocks(bh, n, device):
-    """Slices of the flattened (batch * heads) dimension, each a block of at most BLOCK elements of (n, n)."""
-    step = max(1, BLOCK.get(device.type, BLOCK_DEFAULT) // (n * n))
-    return [slice(i, i + step) for i in range(0, bh, step)]
-
-
-def _flat(t):
-    return t.reshape(-1, *t.shape[2:])  # (B, H, N, D) -> (B * H, N, D)
+FLASH_CPU = True  # the CPU flash kernel where it applies (tests switch it off to run the portable path on CPU)
 
 
 def _flash_cpu(q, k, v, scale, bias=None):
@@ -67,7 +49,8 @@ def _copy_forward(q_t: torch.Tensor, k_t: torch.Tensor, v_s: torch.Tensor) -> tu
         if q_t.device.type == "cpu" and FLASH_CPU:
             out, lse = _flash_cpu(q_t, k_t, v_s, q_t.shape[-1] ** -0.5)
         else:
-            out, lse = F.scaled_dot_product_attention(q_t, k_t, v_s), q_t.new_empty(0, dtype=_compute_dtype(q_t))
+            out = F.scaled_dot_product_attention(q_t, k_t, v_s)
+            lse = q_t.new_empty(0, dtype=teachers.compute_dtype(q_t))
     # laid out (B, N, H, D) in memory, as SDPA's output on a block's qkv is: the block's out.transpose(1, 2)
     # .reshape(B, N, C) is then a view, not one more copy
     return out.transpose(1, 2).contiguous().transpose(1, 2), lse
@@ -77,20 +60,22 @@ def _copy_forward(q_t: torch.Tensor, k_t: torch.Tensor, v_s: torch.Tensor) -> tu
 def _(q_t, k_t, v_s):
     B, H, N, _ = q_t.shape
     lse = (B, H, N) if q_t.device.type == "cpu" and FLASH_CPU else (0,)
-    return v_s.new_empty(B, N, H, v_s.shape[-1]).transpose(1, 2), q_t.new_empty(lse, dtype=_compute_dtype(q_t))
+    lse = q_t.new_empty(lse, dtype=teachers.compute_dtype(q_t))
+    return v_s.new_empty(B, N, H, v_s.shape[-1]).transpose(1, 2), lse
 
 
 @torch.library.custom_op("copy_attention::copy_backward", mutates_args=())
 def _copy_backward(q_t: torch.Tensor, k_t: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """dv = P^T grad, (B, H, N, D_s) in grad's dtype; float32 products whatever the forward ran in."""
-    dt, a = _compute_dtype(grad), q_t.shape[-1] ** -0.5
+    dt, a = teachers.compute_dtype(grad), q_t.shape[-1] ** -0.5
     q_t, k_t, g = q_t.to(dt), k_t.to(dt), grad.to(dt)
     with torch.autocast(q_t.device.type, enabled=False):
         if lse.numel():  # CPU flash: the transposed attention, the map's lse as a bias on its keys
             out, lse_t = _flash_cpu(k_t, q_t, g, a, -lse[:, :, None, :].to(dt))
             return (out * lse_t.exp()[..., None]).to(grad.dtype).contiguous()
-        q, k, g, dv = _flat(q_t), _flat(k_t), _flat(g), torch.empty_like(_flat(g))
-        for h in _blocks(q.shape[0], q.shape[1], q.device):
+        q, k, g = (teachers.flat_heads(t) for t in (q_t, k_t, g))  # (B * H, N, D)
+        dv = torch.empty_like(g)
+        for h in teachers.head_blocks(q.shape[0], q.shape[1], q.device):
             p = torch.softmax(torch.bmm(q[h], k[h].transpose(1, 2)) * a, -1)  # (heads, N, N), recomputed
             torch.bmm(p.transpose(1, 2), g[h], out=dv[h])
         return dv.view(grad.shape).to(grad.dtype)

@@ -30,38 +30,18 @@ def attention_ce_reference(q_s, k_s, q_t, k_t):
 # A torch.library custom op, so torch.compile treats it as opaque: nothing N x N is saved, compiled or eager. Float32
 # inside (float64 stays float64) whatever the input dtype.
 #
-# Elements of one (heads, N, N) block. CPU: 1 MiB in float32 stays in cache, and no large block is freed (freeing a
-# 32 MiB one makes glibc raise its mmap threshold to 32 MiB and keep later frees in its heap: peak RSS 1.6x scratch).
-BLOCK = {"cpu": 2 ** 18}
-BLOCK_DEFAULT = 2 ** 26  # elsewhere (GPUs) 256 MiB in float32: fewer kernel launches
-
-
-def _compute_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _blocks(bh, n, device):
-    """Slices of the flattened (batch * heads) dimension, each a block of at most BLOCK elements of (n, n)."""
-    step = max(1, BLOCK.get(device.type, BLOCK_DEFAULT) // (n * n))
-    return [slice(i, i + step) for i in range(0, bh, step)]
-
-
-def _flat(t):
-    return t.reshape(-1, *t.shape[2:])  # (B, H, N, D) -> (B * H, N, D)
-
-
 @torch.library.custom_op("distill_attention::attention_ce", mutates_args=())
 def _attention_ce(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, grads: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (mean CE, its gradients for q_s and k_s in their dtypes; empty tensors when not `grads`)."""
-    dt = _compute_dtype(q_s)
+    dt = teachers.compute_dtype(q_s)
     a, a_t, n = q_s.shape[-1] ** -0.5, q_t.shape[-1] ** -0.5, q_s.shape[:3].numel()
-    q, k, q_t, k_t = (_flat(t.to(dt)) for t in (q_s, k_s, q_t, k_t))  # (B * H, N, D)
+    q, k, q_t, k_t = (teachers.flat_heads(t.to(dt)) for t in (q_s, k_s, q_t, k_t))  # (B * H, N, D)
     qa, qa_t = q * a, q_t * a_t
     loss = q.new_zeros(())
     dq, dk = (torch.empty_like(q), torch.empty_like(k)) if grads else (None, None)
     with torch.autocast(q.device.type, enabled=False):
-        for h in _blocks(q.shape[0], q.shape[1], q.device):
+        for h in teachers.head_blocks(q.shape[0], q.shape[1], q.device):
             log_p = torch.log_softmax(torch.bmm(qa[h], k[h].transpose(1, 2)), -1)  # (heads, N, N), the student's
             p_t = torch.softmax(torch.bmm(qa_t[h], k_t[h].transpose(1, 2)), -1)    # the teacher's rows
             loss -= torch.dot(p_t.view(-1), log_p.view(-1))
@@ -76,7 +56,7 @@ def _attention_ce(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: 
 
 @_attention_ce.register_fake
 def _(q_s, k_s, q_t, k_t, grads):
-    loss = q_s.new_empty((), dtype=_compute_dtype(q_s))  # the gradients come contiguous, whatever q_s's strides
+    loss = q_s.new_empty((), dtype=teachers.compute_dtype(q_s))  # the gradients come contiguous, whatever q_s is
     return (loss, q_s.new_empty(q_s.shape), k_s.new_empty(k_s.shape)) if grads else (loss, q_s.new_empty(0),
                                                                                       k_s.new_empty(0))
 

@@ -138,6 +138,28 @@ def sha256(path, chunk=1 << 24):
     return h.hexdigest()
 
 
+# ------------------------------------------------ shared by the two methods' kernels (copy_fast, attention_ce)
+# Elements of one (heads, N, N) block. CPU: 1 MiB in float32 stays in cache, and no large block is freed (freeing a
+# 32 MiB one makes glibc raise its mmap threshold to 32 MiB and keep later frees in its heap: peak RSS 1.6x scratch).
+BLOCK = {"cpu": 2 ** 18}
+BLOCK_DEFAULT = 2 ** 26  # elsewhere (GPUs) 256 MiB in float32: fewer kernel launches
+
+
+def compute_dtype(t):
+    """The dtype the attention-transfer kernels compute in: float64 stays float64, anything else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def head_blocks(bh, n, device):
+    """Slices of the flattened (batch * heads) dimension, each a block of at most BLOCK elements of (n, n)."""
+    step = max(1, BLOCK.get(device.type, BLOCK_DEFAULT) // (n * n))
+    return [slice(i, i + step) for i in range(0, bh, step)]
+
+
+def flat_heads(t):
+    return t.reshape(-1, *t.shape[2:])  # (B, H, N, D) -> (B * H, N, D)
+
+
 def add_args(parser):
     """The flags both method scripts share."""
     parser.add_argument("--teacher", help="teacher name (vit.TEACHERS) or checkpoint file (README: any ViT)")

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import distill_attention
+import teacher as teachers
 import vit
 from teacher import Teacher
 
@@ -17,7 +18,7 @@ def qk(B, H, N, D, seed, requires_grad=False):
 @pytest.mark.parametrize("N,heads_per_block", [(17, 1), (16, 4), (65, 2), (9, None)])
 def test_blocked_loss_and_gradients_equal_naive_float64(N, heads_per_block, monkeypatch):
     if heads_per_block:  # several blocks of heads, the last one partial
-        monkeypatch.setattr(distill_attention, "BLOCK", {"cpu": heads_per_block * N * N})
+        monkeypatch.setattr(teachers, "BLOCK", {"cpu": heads_per_block * N * N})
     q_s, k_s = qk(2, 3, N, 8, 0, requires_grad=True)
     q_t, k_t = qk(2, 3, N, 8, 1)
     ours = distill_attention.attention_ce(q_s, k_s, q_t, k_t)

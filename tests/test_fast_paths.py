@@ -9,6 +9,7 @@ import torch
 
 import copy_attention
 import distill_attention
+import teacher as teachers
 from copy_attention import copy_reference
 from distill_attention import attention_ce_reference
 
@@ -22,8 +23,7 @@ def device(request, monkeypatch):
     heads), with blocks of 2 heads so that several blocks run; CUDA."""
     if request.param == "cpu, portable path":
         monkeypatch.setattr(copy_attention, "FLASH_CPU", False)
-        for module in (copy_attention, distill_attention):
-            monkeypatch.setattr(module, "BLOCK", {"cpu": 2 * N * N})
+        monkeypatch.setattr(teachers, "BLOCK", {"cpu": 2 * N * N})
         return "cpu"
     return request.param
 
