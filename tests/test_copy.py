@@ -1,4 +1,4 @@
-"""Attention copy: the definition, the SDPA path against it in float64, every mode and flag, the teacher frozen."""
+"""Attention copy: the definition, the fast path against it in float64, every mode and flag, the teacher frozen."""
 import math
 
 import pytest
@@ -8,16 +8,7 @@ import copy_attention
 import vit
 from teacher import Teacher
 
-ARCH = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4, num_classes=5)
-
-
-@pytest.fixture
-def teacher_file(tmp_path):
-    torch.manual_seed(0)
-    teacher = vit.VisionTransformer(**ARCH, global_pool=False)
-    path = tmp_path / "teacher.pth"
-    torch.save({"model": teacher.state_dict(), "arch": teacher.arch}, path)
-    return str(path)
+from conftest import ARCH  # teacher_file (conftest.py) writes a teacher of this shape
 
 
 def student(**kw):
