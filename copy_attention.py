@@ -27,7 +27,6 @@ def copy_reference(q_t, k_t, v_s):
 #     P^T x = attend(k_t, q_t, x, bias -lse_i on key i) * exp(lse'),
 # since the softmax over i of (s_ij - lse_i) is P_ij / Z_j and that call's own lse' is log Z_j. Elsewhere the forward
 # is SDPA and backward recomputes P in blocks of heads.
-#
 FLASH_CPU = True  # the CPU flash kernel where it applies (tests switch it off to run the portable path on CPU)
 
 

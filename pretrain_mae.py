@@ -5,12 +5,13 @@ decoder with its own position embeddings predicts the pixels of the masked ones,
 the MSE over masked patches only. Position embeddings are fixed 2-D sin-cos, as in MAE. The training loop is
 train.py's (AdamW betas (0.9, 0.95), blr 1.5e-4, weight decay 0.05, warmup + cosine, AMP, compile, DDP, resume).
 
-At the end it writes, in output_dir:
+At the end it writes, in output_dir (export_encoder does the same for any checkpoint.pth of this script):
   mae_encoder.pth     the encoder in the official MAE checkpoint format {'model': state_dict} with timm names, stored
-                      in float16 (half the size; cast back on load), ready for --teacher / --finetune
+                      in float16 (half the size; cast back on load) with its arch and input mean/std recorded, ready
+                      for --teacher / --finetune
   reconstruction.png  rows of validation images: original, masked input, reconstruction
 
-    python pretrain_mae.py --preset cifar --data_path ../shared/data/cifar10 --output_dir runs/mae_cifar
+    python pretrain_mae.py --preset cifar --output_dir runs/mae_cifar    # the 48-epoch CIFAR-10 teacher (README)
     torchrun --nproc_per_node=8 pretrain_mae.py --model vit_large_patch16 --data_path /imagenet
 """
 import os

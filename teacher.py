@@ -10,6 +10,7 @@ planned, so that the models' forward passes read like the equations.
 
 The student's images arrive normalised with its own statistics (data.MEAN / data.STD); a teacher trained with other
 statistics (README, "Bring your own teacher") sees the same pixels re-normalised by one affine map on the batch.
+The end of the file holds what both methods' fast kernels share: how they split heads into blocks, and their flags.
 """
 import argparse
 import hashlib

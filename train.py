@@ -1,7 +1,7 @@
 """train.py: the training recipe every method shares, and the scratch / fine-tune baselines.
 
 The paper compares each attention-transfer method with training the same ViT from scratch and with fine-tuning the
-pre-trained weights, under one recipe (Li et al. 2024, Appendix A; README "Recipes"): AdamW, layer-wise lr decay,
+pre-trained weights, under one recipe (Li et al. 2024, Sec. 3 and Appendix A; README "The methods"): AdamW, layer-wise lr decay,
 warmup + cosine, lr = blr * effective batch / 256, MixUp/CutMix with label smoothing, EMA, bf16 on GPU, DDP under
 torchrun.
 
