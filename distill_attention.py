@@ -1,8 +1,8 @@
 """distill_attention.py: attention distillation (Li et al. 2024, Sec. 3.2, Table 1; README "Attention distillation").
 
 The student computes its own attention; an extra loss pulls its attention rows towards a frozen teacher's in each
-transferred layer, and only the student is needed at inference. Loss = task CE + atd_weight * sum over layers of the
-attention cross-entropy (atd_weight = lambda = 3, no temperature).
+transferred layer. Loss = task CE + atd_weight (lambda = 3) * the sum over layers of the attention cross-entropy, no
+temperature. Only the student runs at test.
 
     python distill_attention.py --preset cifar                           # CPU, CIFAR-10, the shipped teacher
     torchrun --nproc_per_node=8 distill_attention.py --teacher mae_vit_l --data_path /imagenet
@@ -23,13 +23,12 @@ def attention_ce_reference(q_s, k_s, q_t, k_t):
 
 
 # ------------------------------------------------------------------- the same, without the map (what training runs)
-# Per query row i, with s = q_s k_s^T * a_s and p_t the teacher's row: CE_i = -sum_j p_t(i, j) log softmax(s)_ij and
-# dCE_i/ds_ij = softmax(s)_ij - p_t(i, j), so dq_s = a_s (softmax(s) - p_t) k_s and dk_s = a_s (softmax(s) - p_t)^T q_s.
-# The loss is a scalar, so one pass over blocks of heads forms s, p_t, the loss and both gradients (four matmuls per
-# block, where recomputing in backward takes six), and backward only scales the two saved (B, H, N, D_s) gradients.
-# A torch.library custom op, so torch.compile treats it as opaque: nothing N x N is saved, compiled or eager. Float32
-# inside (float64 stays float64) whatever the input dtype.
-#
+# Per query row i, with s = q_s k_s^T * a_s, p = softmax(s) and p_t the teacher's row: CE_i = lse_i - sum_j p_t(i, j)
+# s_ij, where lse_i = max_j s_ij - log max_j p_ij, and dCE_i/ds_ij = p_ij - p_t(i, j); so dq_s = a_s (p - p_t) k_s and
+# dk_s = a_s (p - p_t)^T q_s. The loss is a scalar, so one pass over blocks of heads forms s, p_t, the loss and both
+# gradients (four matmuls per block; recomputing in backward takes six), and backward only scales the two saved
+# (B, H, N, D_s) gradients. A torch.library custom op, opaque to torch.compile: nothing N x N is saved, compiled or
+# eager. Float32 inside (float64 stays float64) whatever the input dtype.
 @torch.library.custom_op("distill_attention::attention_ce", mutates_args=())
 def _attention_ce(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, grads: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -42,11 +41,11 @@ def _attention_ce(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: 
     dq, dk = (torch.empty_like(q), torch.empty_like(k)) if grads else (None, None)
     with torch.autocast(q.device.type, enabled=False):
         for h in teachers.head_blocks(q.shape[0], q.shape[1], q.device):
-            log_p = torch.log_softmax(torch.bmm(qa[h], k[h].transpose(1, 2)), -1)  # (heads, N, N), the student's
-            p_t = torch.softmax(torch.bmm(qa_t[h], k_t[h].transpose(1, 2)), -1)    # the teacher's rows
-            loss -= torch.dot(p_t.view(-1), log_p.view(-1))
+            s = torch.bmm(qa[h], k[h].transpose(1, 2))  # (heads, N, N), the student's logits
+            p, p_t = torch.softmax(s, -1), torch.softmax(torch.bmm(qa_t[h], k_t[h].transpose(1, 2)), -1)
+            loss += (s.amax(-1) - p.amax(-1).log_()).sum() - torch.dot(p_t.view(-1), s.view(-1))
             if grads:
-                ds = log_p.exp_().sub_(p_t)  # dCE/ds = softmax(s) - p_t, in place of log_p
+                ds = p.sub_(p_t)  # dCE/ds, in place of p
                 torch.bmm(ds, k[h], out=dq[h])
                 torch.bmm(ds.transpose(1, 2), q[h], out=dk[h])
     if not grads:
@@ -54,23 +53,12 @@ def _attention_ce(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: 
     return loss / n, (dq * (a / n)).view(q_s.shape).to(q_s.dtype), (dk * (a / n)).view(k_s.shape).to(k_s.dtype)
 
 
-@_attention_ce.register_fake
-def _(q_s, k_s, q_t, k_t, grads):
-    loss = q_s.new_empty((), dtype=teachers.compute_dtype(q_s))  # the gradients come contiguous, whatever q_s is
-    return (loss, q_s.new_empty(q_s.shape), k_s.new_empty(k_s.shape)) if grads else (loss, q_s.new_empty(0),
-                                                                                      k_s.new_empty(0))
-
-
-def _ce_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1], output[2])  # dq, dk: (B, H, N, D_s) each, all that backward needs
-
-
-def _ce_grad(ctx, grad, *_):
-    dq, dk = ctx.saved_tensors
-    return (grad * dq).to(dq.dtype), (grad * dk).to(dk.dtype), None, None, None
-
-
-_attention_ce.register_autograd(_ce_grad, setup_context=_ce_setup)
+_attention_ce.register_fake(lambda q_s, k_s, q_t, k_t, grads: (  # the gradients come contiguous, whatever q_s is
+    q_s.new_empty((), dtype=teachers.compute_dtype(q_s)), q_s.new_empty(q_s.shape if grads else 0),
+    k_s.new_empty(k_s.shape if grads else 0)))
+_attention_ce.register_autograd(  # saves dq, dk: (B, H, N, D_s) each, all that backward needs
+    lambda ctx, grad, *_: (*((grad * d).to(d.dtype) for d in ctx.saved_tensors), None, None, None),
+    setup_context=lambda ctx, inputs, output: ctx.save_for_backward(output[1], output[2]))
 
 
 def attention_ce(q_s, k_s, q_t, k_t):
@@ -108,8 +96,7 @@ class DistillAttention(train.Baseline):
 
 # ------------------------------------------------------------------------------------------------------- recipes
 # The authors' ViT-L attention-distillation recipe (their README; paper Appendix A): effective batch 2048, 64 GPUs.
-DISTILL = dict(
-    model="vit_large_patch16", input_size=224, teacher="mae_vit_l",
+DISTILL = dict(model="vit_large_patch16", input_size=224, teacher="mae_vit_l",
     layers=":-6",          # the first 18 of 24 layers, as their README says (their code ignored it and used 21)
     atd_weight=3.0,        # lambda
     epochs=200, warmup_epochs=20, batch_size=32,  # per GPU; x 64 GPUs = 2048
@@ -118,8 +105,8 @@ DISTILL = dict(
     aug="randaug", reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1,  # MAE's fine-tune augmentation
 )
 # CPU-sized CIFAR-10 (this repository's, README "Results"): the shipped teacher's shape, every layer distilled.
-DISTILL_CIFAR = dict(
-    model="vit_tiny_cifar", input_size=32, dataset="cifar10", data_path="", teacher="mae_tiny_cifar10", layers=":",
+DISTILL_CIFAR = dict(model="vit_tiny_cifar", input_size=32, dataset="cifar10", data_path="", layers=":",
+    teacher="mae_tiny_cifar10",  # the shipped teacher (README "The shipped teacher")
     atd_weight=3.0, epochs=30, warmup_epochs=3, batch_size=128, blr=1e-3, min_lr=1e-5, min_lr_ratio=None,
     beta2=0.95, weight_decay=0.05, layer_decay=1.0, drop_path=0.1, ema=0.0,
     aug="randaug", reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1,
@@ -128,14 +115,12 @@ EXCHANGE = {"distill": "qk", "distill_q": "qkv", "distill_k": "qkv", "distill_v"
 
 
 def main(argv=None):
-    parser = train.get_args_parser("Attention distillation: a student whose attention imitates a frozen teacher's.",
-                                   DISTILL, {"cifar": DISTILL_CIFAR})
-    teachers.add_args(parser)
-    parser.add_argument("--mode", choices=list(EXCHANGE), default="distill", help="what is distilled")
+    parser = train.get_args_parser("Attention distillation: a student imitating a teacher's maps.", DISTILL,
+                                   {"cifar": DISTILL_CIFAR})
     parser.add_argument("--atd_weight", type=float, help="lambda: the weight of the attention loss")
-    args = train.parse_args(parser, argv)
-    return train.run(args, lambda model, _: DistillAttention(
-        model, teachers.from_args(args, model, EXCHANGE[args.mode]), args.mode, args.atd_weight))
+    args = train.parse_args(teachers.add_args(parser, EXCHANGE), argv)
+    teacher = lambda net: teachers.from_args(args, net, EXCHANGE[args.mode])
+    return train.run(args, lambda net, _: DistillAttention(net, teacher(net), args.mode, args.atd_weight))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import hashlib
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import data
 import train
@@ -58,9 +59,10 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, images, drop_masks=None):
         """-> {layer: (q, k, v)}, first `heads` heads, compact (a view would keep the teacher's whole qkv alive)."""
-        images = images * self.scale + self.shift
-        _, qkv = self.model.forward_features(images, collect=self.layers, drop_masks=drop_masks,
-                                             depth=self.layers[-1] + 1)  # no block after the last transferred one
+        images, last = images * self.scale + self.shift, self.layers[-1]
+        x, qkv = self.model.forward_features(images, collect=self.layers, drop_masks=drop_masks, depth=last)
+        block = self.model.blocks[last]  # of the last transferred block only q, k, v are needed: no attention or MLP
+        qkv[last] = block.attn.heads(block.norm1(x))
         h = self.heads
         return {l: tuple(t[:, :h].contiguous() for t in qkv[l]) for l in self.layers}
 
@@ -161,8 +163,25 @@ def flat_heads(t):
     return t.reshape(-1, *t.shape[2:])  # (B, H, N, D) -> (B * H, N, D)
 
 
-def add_args(parser):
-    """The flags both method scripts share."""
+def flash_cpu(q, k, v, scale, bias=None):
+    """softmax(q k^T * scale + bias) v and its row lse (B, H, Nq) by the CPU flash kernel; bias: (B, H, 1, Nk). The
+    kernel needs one head width: zero columns change no logit and add zero output columns."""
+    d, d_v = max(q.shape[-1], v.shape[-1]), v.shape[-1]
+    q, k, v = (t if t.shape[-1] == d else F.pad(t, (0, d - t.shape[-1])) for t in (q, k, v))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
+    return out[..., :d_v], lse.contiguous()  # lse comes (B, N, H)-strided
+
+
+def compact(t):
+    """(B, H, N, D) laid out (B, N, H, D) in a tensor of its own: SDPA then saves exactly q, k, v for backward, not a
+    block's whole qkv output, and a block's out.transpose(1, 2).reshape(B, N, C) is a view, not one more copy."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def add_args(parser, modes):
+    """The flags both method scripts share; --mode chooses among `modes` (the first is the default). -> parser."""
+    parser.add_argument("--mode", choices=list(modes), default=next(iter(modes)),
+                        help="what is transferred (the method class's docstring)")
     parser.add_argument("--teacher", help="teacher name (vit.TEACHERS) or checkpoint file (README: any ViT)")
     parser.add_argument("--teacher_heads", type=int, help="the teacher's heads per layer, where its file does not say")
     parser.add_argument("--teacher_mean", type=float, nargs=3, help="the teacher's input mean (default: its record)")
@@ -172,6 +191,7 @@ def add_args(parser):
     parser.add_argument("--heads", type=int, help="transfer the first this many heads of each layer (default all)")
     parser.add_argument("--share_drop_path", action=argparse.BooleanOptionalAction, default=True,
                         help="the teacher uses the student's stochastic-depth masks (the authors' code)")
+    return parser
 
 
 def from_args(args, student, exchange):

@@ -35,12 +35,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
+    def heads(self, x):
+        """x (B, N, C) -> the block's own q, k, v, each (B, H, N, D)."""
+        B, N, C = x.shape
+        return self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+
     def forward(self, x, attend=None):
         """x (B, N, C) -> (output (B, N, C), the block's own (q, k, v), each (B, H, N, D)).
 
         attend(q, k, v) -> (B, H, N, D), when given, is computed in place of SDPA(q, k, v)."""
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.heads(x)
         # scale 1/sqrt(D), and never an N x N map in memory
         out = F.scaled_dot_product_attention(q, k, v) if attend is None else attend(q, k, v)  # (B, H, N, D)
         return self.proj(out.transpose(1, 2).reshape(B, N, C)), (q, k, v)
