@@ -97,7 +97,7 @@ class CopyAttention(train.Baseline):
 
     def attend(self, q, k, v, q_t, k_t, v_t):
         """The student's own q, k, v (B, H, N, D) and the teacher's first h heads -> the block's attention output."""
-        h = q_t.shape[1]
+        h = self.teacher.heads
         if self.mode == "copy":
             out = copy_fast(q_t, k_t, v[:, :h])
         else:  # one of the three replaced by the teacher's

@@ -58,13 +58,15 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, images, drop_masks=None):
-        """-> {layer: (q, k, v)}, first `heads` heads, compact (a view would keep the teacher's whole qkv alive)."""
+        """-> {layer: (q, k, v)}, first `heads` heads, compact (a view would keep the teacher's whole qkv alive); None
+        in place of what the exchange does not use (distillation and copy use no v)."""
         images, last = images * self.scale + self.shift, self.layers[-1]
         x, qkv = self.model.forward_features(images, collect=self.layers, drop_masks=drop_masks, depth=last)
         block = self.model.blocks[last]  # of the last transferred block only q, k, v are needed: no attention or MLP
         qkv[last] = block.attn.heads(block.norm1(x))
         h = self.heads
-        return {l: tuple(t[:, :h].contiguous() for t in qkv[l]) for l in self.layers}
+        return {l: tuple(t[:, :h].contiguous() if c in self.exchange else None for c, t in zip("qkv", qkv[l]))
+                for l in self.layers}
 
     def train(self, mode=True):
         return super().train(False)  # frozen: always in eval mode (no dropout, no stochastic depth of its own)

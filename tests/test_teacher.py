@@ -19,7 +19,8 @@ def test_plan_from_flags(teacher_file):
     assert t.layers == [0, 1] and t.heads == 3
     assert "layers 0-1 of 3, heads 3/4, runs 2 blocks" in t.summary()
     qkv = t(torch.randn(1, 3, 16, 16))
-    assert sorted(qkv) == [0, 1] and all(a.shape == (1, 3, 17, 8) and a.is_contiguous() for a in qkv[0])
+    q, k, v = qkv[0]  # exchange "q": the teacher hands over q only
+    assert sorted(qkv) == [0, 1] and q.shape == (1, 3, 17, 8) and q.is_contiguous() and k is None and v is None
     assert parse_layers("-2:", 5, 7) == [3, 4]
     assert parse_layers("0,4", 5, 5) == [0, 4]
     assert parse_layers(":", 3, 6) == [0, 1, 2]
