@@ -21,45 +21,47 @@ def copy_reference(q_t, k_t, v_s):
 
 # ------------------------------------------------------------------- the same, without the map (what training runs)
 # A torch.library custom op with its own backward (opaque to torch.compile; saves O(N) per head). The teacher is frozen,
-# so backward is only dv_s = P^T dout (SDPA's would also form dq, dk). On CPU both directions are one call of the flash
-# kernel SDPA runs there, which also returns the row log-sum-exp lse: P^T x = attend(k_t, q_t, x, bias -lse_i on key i)
-# * exp(lse'), as the softmax over i of (s_ij - lse_i) is P_ij / Z_j and that call's own lse' is log Z_j. Elsewhere the
-# forward is SDPA and backward recomputes P in blocks of heads.
-FLASH_CPU = True  # the CPU flash kernel where it applies (tests switch it off to run the portable path on CPU)
-_flash = lambda t: t.device.type == "cpu" and FLASH_CPU
-_lse_like = lambda q_t: q_t.new_zeros(q_t.shape[:3], dtype=teachers.compute_dtype(q_t))  # its stand-in elsewhere
+# so backward is only dv_s = P^T dout (SDPA's would also form dq and dk). The forward keeps each row's log-sum-exp,
+# free from the softmax it forms anyway (lse_i = max_j s_ij - log max_j P_ij), so backward recomputes P as exp(s - lse):
+# one matmul and one exp per block of heads. On GPUs the forward is SDPA's fused kernel, and backward a softmax again.
+SDPA_FORWARD = ("cuda",)  # devices whose forward is SDPA (tests add "cpu" to run that path on CPU)
 
 
 @torch.library.custom_op("copy_attention::copy_forward", mutates_args=())
 def _copy_forward(q_t: torch.Tensor, k_t: torch.Tensor, v_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (output laid out (B, N, H, D) as a block wants it, the map's row lse (B, H, N))."""
+    """-> (output laid out (B, N, H, D) as a block wants it, the map's row lse (B, H, N) or, after SDPA, empty)."""
+    dt = teachers.compute_dtype(v_s)
     with torch.autocast(q_t.device.type, enabled=False):
-        if _flash(q_t):
-            out, lse = teachers.flash_cpu(q_t, k_t, v_s, q_t.shape[-1] ** -0.5)
-        else:
-            out, lse = F.scaled_dot_product_attention(q_t, k_t, v_s), _lse_like(q_t)
-    return teachers.compact(out), lse
+        if q_t.device.type in SDPA_FORWARD:
+            return teachers.compact(F.scaled_dot_product_attention(q_t, k_t, v_s)), q_t.new_empty(0, dtype=dt)
+        q, k, v = (teachers.flat_heads(t.to(dt)) for t in (q_t, k_t, v_s))  # (B * H, N, D)
+        q, out, lse = q * q_t.shape[-1] ** -0.5, torch.empty_like(v), q.new_empty(q.shape[:2])
+        for h in teachers.head_blocks(q.shape[0], q.shape[1], q.device):
+            s = torch.bmm(q[h], k[h].transpose(1, 2))  # (heads, N, N)
+            p = torch.softmax(s, -1)
+            lse[h] = s.amax(-1) - p.amax(-1).log_()
+            torch.bmm(p, v[h], out=out[h])
+    return teachers.compact(out.view(v_s.shape).to(v_s.dtype)), lse.view(q_t.shape[:3])
 
 
-_copy_forward.register_fake(lambda q_t, k_t, v_s: (teachers.compact(v_s.new_empty(*q_t.shape[:3], v_s.shape[-1])),
-                                                   _lse_like(q_t)))
+_copy_forward.register_fake(lambda q_t, k_t, v_s: (
+    teachers.compact(v_s.new_empty(*q_t.shape[:3], v_s.shape[-1])),
+    q_t.new_empty(0 if q_t.device.type in SDPA_FORWARD else q_t.shape[:3], dtype=teachers.compute_dtype(v_s))))
 
 
 @torch.library.custom_op("copy_attention::copy_backward", mutates_args=())
 def _copy_backward(q_t: torch.Tensor, k_t: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """dv = P^T grad, (B, H, N, D_s) in grad's dtype; float32 products whatever the forward ran in."""
-    dt, a = teachers.compute_dtype(grad), q_t.shape[-1] ** -0.5
-    q_t, k_t, g = q_t.to(dt), k_t.to(dt), grad.to(dt)
-    with torch.autocast(q_t.device.type, enabled=False):
-        if _flash(q_t):  # CPU flash: the transposed attention, the map's lse as a bias on its keys
-            out, lse_t = teachers.flash_cpu(k_t, q_t, g, a, -lse[:, :, None, :].to(dt))
-            return (out * lse_t.exp()[..., None]).to(grad.dtype).contiguous()
-        q, k, g = (teachers.flat_heads(t) for t in (q_t, k_t, g))  # (B * H, N, D)
-        dv = torch.empty_like(g)
+    dt = teachers.compute_dtype(grad)
+    q, k, g = (teachers.flat_heads(t.to(dt)) for t in (q_t, k_t, grad))  # (B * H, N, D)
+    q, dv = q * q_t.shape[-1] ** -0.5, torch.empty_like(g)
+    lse = lse.to(dt).view(*q.shape[:2], 1) if lse.numel() else None
+    with torch.autocast(q.device.type, enabled=False):
         for h in teachers.head_blocks(q.shape[0], q.shape[1], q.device):
-            p = torch.softmax(torch.bmm(q[h], k[h].transpose(1, 2)) * a, -1)  # (heads, N, N), recomputed
+            s = torch.bmm(q[h], k[h].transpose(1, 2))  # (heads, N, N), recomputed
+            p = torch.softmax(s, -1) if lse is None else s.sub_(lse[h]).exp_()
             torch.bmm(p.transpose(1, 2), g[h], out=dv[h])
-        return dv.view(grad.shape).to(grad.dtype)
+    return dv.view(grad.shape).to(grad.dtype)
 
 
 _copy_backward.register_fake(lambda q_t, k_t, lse, grad: grad.new_empty(*k_t.shape[:3], grad.shape[-1]))
@@ -100,9 +102,8 @@ class CopyAttention(train.Baseline):
         h = self.teacher.heads
         if self.mode == "copy":
             out = copy_fast(q_t, k_t, v[:, :h])
-        else:  # one of the three replaced by the teacher's
-            qkv = [t[:, :h] for t in (q, k, v)]
-            qkv["qkv".index(self.mode[-1])] = {"copy_q": q_t, "copy_k": k_t, "copy_v": v_t}[self.mode]
+        else:  # the one of q, k, v the teacher handed over in place of the student's
+            qkv = [own[:, :h] if t is None else t for own, t in zip((q, k, v), (q_t, k_t, v_t))]
             out = F.scaled_dot_product_attention(*map(teachers.compact, qkv))
         if h == q.shape[1]:
             return out
@@ -124,8 +125,7 @@ COPY = dict(model="vit_large_patch16", input_size=224, teacher="mae_vit_l",
 COPY_CIFAR = dict(model="vit_tiny_cifar", input_size=32, dataset="cifar10", data_path="", layers=":",
     teacher="mae_tiny_cifar10",  # the shipped teacher (README "The shipped teacher")
     epochs=30, warmup_epochs=3, batch_size=128, blr=1e-3, min_lr=1e-5, min_lr_ratio=None, beta2=0.999, ema=0.0,
-    weight_decay=0.05, layer_decay=0.75, drop_path=0.0, aug="randaug", reprob=0.25, mixup=0.8, cutmix=1.0,
-    smoothing=0.1)
+    weight_decay=0.05, layer_decay=0.75, drop_path=0.0, aug="randaug", reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1)
 EXCHANGE = {"copy": "qk", "copy_q": "q", "copy_k": "k", "copy_v": "v"}  # what the teacher hands over
 
 

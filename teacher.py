@@ -17,7 +17,6 @@ import hashlib
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import data
 import train
@@ -163,15 +162,6 @@ def head_blocks(bh, n, device):
 
 def flat_heads(t):
     return t.reshape(-1, *t.shape[2:])  # (B, H, N, D) -> (B * H, N, D)
-
-
-def flash_cpu(q, k, v, scale, bias=None):
-    """softmax(q k^T * scale + bias) v and its row lse (B, H, Nq) by the CPU flash kernel; bias: (B, H, 1, Nk). The
-    kernel needs one head width: zero columns change no logit and add zero output columns."""
-    d, d_v = max(q.shape[-1], v.shape[-1]), v.shape[-1]
-    q, k, v = (t if t.shape[-1] == d else F.pad(t, (0, d - t.shape[-1])) for t in (q, k, v))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
-    return out[..., :d_v], lse.contiguous()  # lse comes (B, N, H)-strided
 
 
 def compact(t):

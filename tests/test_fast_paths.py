@@ -19,13 +19,14 @@ B, H, N = 2, 3, 17  # no other size is 17: a saved tensor with two dimensions of
 @pytest.fixture(params=["cpu", "cpu, portable path", pytest.param(
     "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))])
 def device(request, monkeypatch):
-    """CPU with its flash kernel; CPU on the path other devices take (SDPA forward, maps recomputed in blocks of
-    heads), with blocks of 2 heads so that several blocks run; CUDA."""
+    """CPU; CPU on the path GPUs take (copy's forward by SDPA, its map recomputed by a softmax); CUDA. On CPU in blocks
+    of 2 heads, so that several blocks run."""
+    if request.param == "cuda":
+        return "cuda"
+    monkeypatch.setattr(teachers, "BLOCK", {"cpu": 2 * N * N})
     if request.param == "cpu, portable path":
-        monkeypatch.setattr(copy_attention, "FLASH_CPU", False)
-        monkeypatch.setattr(teachers, "BLOCK", {"cpu": 2 * N * N})
-        return "cpu"
-    return request.param
+        monkeypatch.setattr(copy_attention, "SDPA_FORWARD", ("cuda", "cpu"))
+    return "cpu"
 
 
 def tensors(d_t=8, d_s=8, device="cpu", dtype=torch.float64, seed=0):
@@ -36,7 +37,7 @@ def tensors(d_t=8, d_s=8, device="cpu", dtype=torch.float64, seed=0):
 
 
 def exact(device):
-    """Compute dtype and tolerance: float64 on CPU (the flash kernel runs it); CUDA's fused kernels run float32."""
+    """Compute dtype and tolerance: float64 on CPU (the blocked kernels run it); CUDA's fused kernels run float32."""
     return (torch.float64, 1e-10) if device == "cpu" else (torch.float32, 2e-4)
 
 
