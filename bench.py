@@ -262,7 +262,9 @@ def same_mode(key, name):
 
 def ratios(methods):
     """Every variant over scratch, and each fused one over its naive twin, in the same mode (eager or compiled), of
-    every measured quantity present in both: {'copy/scratch': {'step_s': ..}, 'copy compiled/naive_copy compiled'}."""
+    every measured quantity present in both: {'copy/scratch': {'step_s': ..}, 'copy compiled/naive_copy compiled'}.
+    A time ratio is the median over rounds of the two steps' ratio in one round (time_steps), so that the machine's
+    load, which drifts between rounds, cancels."""
     out = {}
     for key in methods:
         for ref in (same_mode(key, "scratch"), same_mode(key, NAIVE.get(key.split()[0]))):
@@ -270,6 +272,8 @@ def ratios(methods):
                 a, b = methods[key], methods[ref]
                 out[f"{key}/{ref}"] = {k: a[k] / b[k] for k in ("step_s", "saved_bytes", "peak_rss",
                                                                 "cuda_max_allocated") if a.get(k) and b.get(k)}
+                if a.get("times_s") and b.get("times_s"):
+                    out[f"{key}/{ref}"]["step_s"] = statistics.median(x / y for x, y in zip(a["times_s"], b["times_s"]))
     return out
 
 

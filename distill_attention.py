@@ -35,22 +35,22 @@ def _attention_ce(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: 
     """-> (mean CE, its gradients for q_s and k_s in their dtypes; empty tensors when not `grads`)."""
     dt = teachers.compute_dtype(q_s)
     a, a_t, n = q_s.shape[-1] ** -0.5, q_t.shape[-1] ** -0.5, q_s.shape[:3].numel()
-    q, k, q_t, k_t = (teachers.flat_heads(t.to(dt)) for t in (q_s, k_s, q_t, k_t))  # (B * H, N, D)
-    qa, qa_t = q * a, q_t * a_t
-    loss = q.new_zeros(())
-    dq, dk = (torch.empty_like(q), torch.empty_like(k)) if grads else (None, None)
-    with torch.autocast(q.device.type, enabled=False):
-        for h in teachers.head_blocks(q.shape[0], q.shape[1], q.device):
+    scaled = lambda t, c: teachers.flat_heads(torch.mul(t.to(dt), c, out=t.new_empty(t.shape, dtype=dt)))  # one pass
+    qa, qa_t, k, k_t = scaled(q_s, a), scaled(q_t, a_t), scaled(k_s, 1), teachers.flat_heads(k_t.to(dt))  # (B*H, N, D)
+    loss = qa.new_zeros(())
+    dq, dk = (torch.empty_like(qa), torch.empty_like(k)) if grads else (None, None)
+    with torch.autocast(qa.device.type, enabled=False):
+        for h in teachers.head_blocks(qa.shape[0], qa.shape[1], qa.device):
             s = torch.bmm(qa[h], k[h].transpose(1, 2))  # (heads, N, N), the student's logits
             p, p_t = torch.softmax(s, -1), torch.softmax(torch.bmm(qa_t[h], k_t[h].transpose(1, 2)), -1)
             loss += (s.amax(-1) - p.amax(-1).log_()).sum() - torch.dot(p_t.view(-1), s.view(-1))
             if grads:
                 ds = p.sub_(p_t)  # dCE/ds, in place of p
-                torch.bmm(ds, k[h], out=dq[h])
-                torch.bmm(ds.transpose(1, 2), q[h], out=dk[h])
+                torch.baddbmm(dq[h], ds, k[h], beta=0, alpha=a / n, out=dq[h])  # dq = a/n ds k
+                torch.baddbmm(dk[h], ds.transpose(1, 2), qa[h], beta=0, alpha=1 / n, out=dk[h])  # dk = 1/n ds^T (a q)
     if not grads:
         return loss / n, q_s.new_empty(0), k_s.new_empty(0)
-    return loss / n, (dq * (a / n)).view(q_s.shape).to(q_s.dtype), (dk * (a / n)).view(k_s.shape).to(k_s.dtype)
+    return loss / n, dq.view(q_s.shape).to(q_s.dtype), dk.view(k_s.shape).to(k_s.dtype)
 
 
 _attention_ce.register_fake(lambda q_s, k_s, q_t, k_t, grads: (  # the gradients come contiguous, whatever q_s is
