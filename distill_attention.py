@@ -102,15 +102,13 @@ DISTILL = dict(model="vit_large_patch16", input_size=224, teacher="mae_vit_l",
     epochs=200, warmup_epochs=20, batch_size=32,  # per GPU; x 64 GPUs = 2048
     blr=1e-4, min_lr=1e-6, min_lr_ratio=None,  # min_lr: MAE's fine-tuning default
     beta2=0.95, weight_decay=0.3, layer_decay=1.0, drop_path=0.2, ema=0.9999,
-    aug="randaug", reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1,  # MAE's fine-tune augmentation
-)
+    aug="randaug", reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1)  # MAE's fine-tune augmentation
 # CPU-sized CIFAR-10 (this repository's, README "Results"): the shipped teacher's shape, every layer distilled.
 DISTILL_CIFAR = dict(model="vit_tiny_cifar", input_size=32, dataset="cifar10", data_path="", layers=":",
     teacher="mae_tiny_cifar10",  # the shipped teacher (README "The shipped teacher")
     atd_weight=3.0, epochs=30, warmup_epochs=3, batch_size=128, blr=1e-3, min_lr=1e-5, min_lr_ratio=None,
     beta2=0.95, weight_decay=0.05, layer_decay=1.0, drop_path=0.1, ema=0.0,
-    aug="randaug", reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1,
-)
+    aug="randaug", reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1)
 EXCHANGE = {"distill": "qk", "distill_q": "qkv", "distill_k": "qkv", "distill_v": "qkv"}  # what the teacher hands over
 
 
