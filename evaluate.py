@@ -454,9 +454,11 @@ def evaluate(args):
     return result
 
 
-def plot_curves(logs, path):
-    """Top-1 per epoch of each run, from its log.jsonl (train.py writes one line an epoch), into one PNG. The only
-    use of matplotlib in this repository (pip install matplotlib)."""
+def plot_curves(files, path):
+    """One PNG, the only use of matplotlib in this repository (pip install matplotlib). From train.py's log.jsonl
+    files (a line an epoch): top-1 per epoch of each run. From this script's outputs, one per run, named METHOD_epE.json
+    (or eval_METHOD_epE.json) where E is the teacher's pre-training epochs, plus one from scratch: the share of the
+    scratch-to-fine-tune gap that each method recovers, against E (README "The shipped teacher")."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -464,27 +466,61 @@ def plot_curves(logs, path):
     except ImportError:
         raise ValueError("--curves draws with matplotlib, which is not installed: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for log in logs:
-        with open(log) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        if not rows or "val_acc1" not in rows[0]:
-            raise ValueError(f"{log} is not a log.jsonl of a classifier run (no val_acc1): pass train.py's logs")
-        name = os.path.splitext(os.path.basename(log))[0]
-        name = os.path.basename(os.path.dirname(os.path.abspath(log))) if name == "log" else name
-        ax.plot([r["epoch"] + 1 for r in rows], [r["val_acc1"] for r in rows], marker="o", label=name)
-    ax.set(xlabel="epoch", ylabel="top-1 (%), validation images", title="top-1 per epoch")
+    if all(f.endswith(".json") for f in files):
+        for method, (epochs, shares) in gap_shares(files).items():
+            ax.plot(epochs, shares, marker="o", label=method)
+        ax.axhline(100, color="gray", lw=0.8, ls="--")
+        ax.set(xlabel="teacher's MAE pre-training epochs", ylabel="share of the scratch-to-fine-tune gap (%)",
+               title="what attention transfer recovers", xticks=epochs)
+    else:
+        for log in files:
+            with open(log) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            if not rows or "val_acc1" not in rows[0]:
+                raise ValueError(f"{log} is not a log.jsonl of a classifier run (no val_acc1): pass train.py's logs")
+            name = os.path.splitext(os.path.basename(log))[0]
+            name = os.path.basename(os.path.dirname(os.path.abspath(log))) if name == "log" else name
+            ax.plot([r["epoch"] + 1 for r in rows], [r["val_acc1"] for r in rows], marker="o", label=name)
+        ax.set(xlabel="epoch", ylabel="top-1 (%), validation images", title="top-1 per epoch")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png", metadata={"Software": MARK}))
 
 
+def gap_shares(files):
+    """evaluate.py outputs named [eval_]METHOD_epE.json and one scratch -> {method: (teacher epochs, % of the gap)},
+    where the gap at E is fine-tune_epE's top-1 minus scratch's."""
+    top1, scratch = {}, None
+    for f in files:
+        name = os.path.basename(f).removesuffix(".json").removeprefix("eval_")
+        with open(f) as fh:
+            acc = json.load(fh)["accuracy"]["val"]["models"][0]["acc1"]
+        method, _, epoch = name.rpartition("_ep")
+        if name == "scratch":
+            scratch = acc
+        elif method and epoch.isdigit():
+            top1.setdefault(method, {})[int(epoch)] = acc
+        else:
+            raise ValueError(f"{f}: name it METHOD_epE.json (E: the teacher's pre-training epochs) or scratch.json")
+    if scratch is None or "finetune" not in top1:
+        raise ValueError("the gap needs scratch.json and finetune_epE.json among the files")
+    ft = top1.pop("finetune")
+    missing = sorted({e for by in top1.values() for e in by} - set(ft))
+    if missing:
+        raise ValueError(f"no finetune_ep{missing[0]}.json among the files: the gap at {missing[0]} epochs needs it")
+    return {m: (sorted(by), [100 * (by[e] - scratch) / (ft[e] - scratch) for e in sorted(by)])
+            for m, by in top1.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate checkpoints: accuracy, ensembles, distribution shift, and "
                                 "attention analysis.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="checkpoint files (this repository's, or any ViT "
-                   "vit.load_pretrained reads: MAE, timm, DeiT, DINO) or teacher names; with --curves, log.jsonl files")
-    p.add_argument("--curves", metavar="PNG", help="only draw top-1 per epoch of the given log.jsonl files (matplotlib)")
+                   "vit.load_pretrained reads: MAE, timm, DeiT, DINO) or teacher names; with --curves, log.jsonl "
+                   "files or this script's outputs")
+    p.add_argument("--curves", metavar="PNG", help="only draw (matplotlib): top-1 per epoch of log.jsonl files, or "
+                   "the share of the gap against teacher epochs of this script's METHOD_epE.json outputs")
     p.add_argument("--ema", action="store_true", help="EMA weights where a checkpoint has them (raw otherwise)")
     p.add_argument("--teacher", help="the teacher file for copy checkpoints / --with_teacher, instead of the recorded")
     p.add_argument("--teacher_heads", type=int, help="heads per layer, for a file that does not record them")

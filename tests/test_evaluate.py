@@ -425,3 +425,22 @@ def test_curves_draws_top1_per_epoch_or_names_matplotlib(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"epoch": 0, "train_loss": 1.0}) + "\n")
     with pytest.raises(ValueError, match="no val_acc1"):
         evaluate.main([str(tmp_path / "bad.jsonl"), "--curves", str(png)])
+
+
+def test_gap_shares_reads_evaluate_outputs_named_by_teacher_epochs(tmp_path):
+    def output(name, acc1):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"accuracy": {"val": {"models": [{"acc1": acc1}]}}}))
+        return str(tmp_path / f"{name}.json")
+    files = [output("scratch", 30), output("eval_finetune_ep12", 50), output("eval_finetune_ep48", 40),
+             output("copy_q_ep12", 35), output("distill_ep12", 40), output("distill_ep48", 45)]
+    assert evaluate.gap_shares(files) == {"copy_q": ([12], [25.0]), "distill": ([12, 48], [50.0, 150.0])}
+    with pytest.raises(ValueError, match="no finetune_ep24.json"):
+        evaluate.gap_shares(files + [output("copy_ep24", 33)])
+    with pytest.raises(ValueError, match="name it METHOD_epE.json"):
+        evaluate.gap_shares(files[:1] + [output("distill", 40)])
+    try:
+        import matplotlib  # noqa: F401 -- optional: only --curves uses it
+    except ImportError:
+        return
+    evaluate.main([*files, "--curves", str(tmp_path / "gap.png")])
+    assert evaluate.written_here(tmp_path / "gap.png")
