@@ -122,7 +122,7 @@ PRETRAIN = dict(
     drop_path=0.0, ema=0.0, aug="crop", reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0,  # crop + flip only
     mask_ratio=0.75, decoder_dim=512, decoder_depth=8, decoder_heads=16,
 )
-# The shipped CIFAR-10 teacher (README "The shipped teachers"): the student's shape, a 1-block decoder (MAE's Table 1a:
+# The shipped CIFAR-10 teacher (README "The shipped teacher"): the student's shape, a 1-block decoder (MAE's Table 1a:
 # depth 1 costs little for fine-tuning) and a higher lr than MAE's for a 48-epoch schedule on a 2-core CPU.
 PRETRAIN_CIFAR = dict(
     model="vit_tiny_cifar", input_size=32, dataset="cifar10", data_path="", epochs=48, warmup_epochs=2,
