@@ -101,7 +101,7 @@ RANGES = dict(epochs="[1, inf)", warmup_epochs="[0, inf)", batch_size="[1, inf)"
               decoder_heads="[1, inf)", heads="[1, inf)", teacher_heads="[1, inf)")
 # Config values that do not change what a run computes: a resume may differ in these.
 NOT_RESULTS = {"output_dir", "resume", "num_workers", "no_progress", "eval", "device", "save_every_min", "compile",
-               "download", "preset"}
+               "download", "preset", "keep_epochs"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -157,6 +157,8 @@ def get_args_parser(description, recipe, presets):
     p.add_argument("--output_dir", default="output")
     p.add_argument("--resume", default="", help="checkpoint to resume from; default: output_dir/checkpoint.pth")
     p.add_argument("--save_every_min", type=float, default=10.0, help="also checkpoint inside an epoch this often")
+    p.add_argument("--keep_epochs", type=int, nargs="+", default=[], metavar="E",
+                   help="also keep the checkpoint after epoch E as checkpoint-epE.pth (a teacher curve's points)")
     p.add_argument("--no_progress", action="store_true", help="no tqdm bars")
     p.set_defaults(**recipe)
     p.presets = presets
@@ -180,6 +182,8 @@ def parse_args(parser, argv=None):
         lo, hi = (float(x) for x in spec[1:-1].split(","))
         if v is not None and not ((lo <= v if spec[0] == "[" else lo < v) and (v <= hi if spec[-1] == "]" else v < hi)):
             raise ValueError(f"--{name} {v} is out of range: it must be in {spec}")
+    if any(not 1 <= e <= args.epochs for e in args.keep_epochs):
+        raise ValueError(f"--keep_epochs {args.keep_epochs}: every E must be in [1, --epochs {args.epochs}]")
     if args.model not in vit.PRESETS:
         raise ValueError(f"unknown model {args.model!r}; presets: {', '.join(vit.PRESETS)}")
     patch = vit.PRESETS[args.model][1]
@@ -522,9 +526,11 @@ def train(args, make_method, make_model, rank, world_size, caught):
     def save(epoch, step, stats=None):
         with together(world_size, args.device):  # rank 0 writes; a full disk stops every process
             if rank == 0:
-                save_atomic(dict(model=model.state_dict(), ema=ema.state_dict() if ema is not None else None,
-                                 optimizer=opt.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
-                                 **record), ckpt_path)
+                state = dict(model=model.state_dict(), ema=ema.state_dict() if ema is not None else None,
+                             optimizer=opt.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step, **record)
+                save_atomic(state, ckpt_path)
+                if stats and epoch in args.keep_epochs:
+                    save_atomic(state, os.path.join(args.output_dir, f"checkpoint-ep{epoch}.pth"))
                 if stats:
                     with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
                         f.write(json.dumps(stats) + "\n")

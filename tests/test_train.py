@@ -190,6 +190,14 @@ def test_save_every_min_and_a_failed_write_that_keeps_the_previous_checkpoint(tm
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "log.jsonl"]  # no temporary file, no lock left
 
 
+def test_keep_epochs_keeps_that_epochs_checkpoint(tmp_path):
+    run_cli(tmp_path, "--keep_epochs", "1", "--ema", "0")
+    kept, last = (torch.load(tmp_path / f, weights_only=True) for f in ("checkpoint-ep1.pth", "checkpoint.pth"))
+    assert (kept["epoch"], kept["step"], last["epoch"]) == (1, 2, 2) and not same(kept["model"], last["model"])
+    with pytest.raises(ValueError, match=r"--keep_epochs \[3\]: every E must be in \[1, --epochs 2\]"):
+        run_cli(tmp_path / "b", "--keep_epochs", "3")
+
+
 def test_resume_refuses_another_run_naming_what_differs(tmp_path):
     run_cli(tmp_path, "--epochs", "1", "--epoch_steps", "1")
     with pytest.raises(ValueError, match=r"not a checkpoint of this run \(blr 0.0005 there, 0.001 here; lr"):
