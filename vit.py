@@ -195,7 +195,8 @@ def attention_map(q, k):
 
 # ------------------------------------------------------------------------------------------------------ presets
 # name: (img_size, patch_size, embed_dim, depth, num_heads). The CIFAR presets (32 px, patch 4, 65 tokens) are sized
-# for a 2-core CPU; README "Models" lists their parameter counts and CPU throughput.
+# for a 2-core CPU (`python vit.py` prints their parameter counts); vit_nano_cifar, the student's depth and heads at
+# half its width, is the supervised teacher's shape (whole maps fit any head width).
 PRESETS = {
     "vit_tiny_patch16": (224, 16, 192, 12, 3),
     "vit_small_patch16": (224, 16, 384, 12, 6),
@@ -204,6 +205,7 @@ PRESETS = {
     "vit_huge_patch14": (224, 14, 1280, 32, 16),
     "vit_micro_cifar": (32, 4, 128, 6, 4),
     "vit_tiny_cifar": (32, 4, 192, 6, 3),
+    "vit_nano_cifar": (32, 4, 96, 6, 3),
     "vit_small_cifar": (32, 4, 384, 12, 6),
 }
 
