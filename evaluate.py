@@ -458,7 +458,7 @@ def plot_curves(files, path):
     """One PNG, the only use of matplotlib in this repository (pip install matplotlib). From train.py's log.jsonl
     files (a line an epoch): top-1 per epoch of each run. From this script's outputs, one per run, named METHOD_epE.json
     (or eval_METHOD_epE.json) where E is the teacher's pre-training epochs, plus one from scratch: the share of the
-    scratch-to-fine-tune gap that each method recovers, against E (README "The shipped teacher")."""
+    scratch-to-fine-tune gap that each method recovers, against E (README "Results": the teacher curve)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -506,6 +506,8 @@ def gap_shares(files):
     if scratch is None or "finetune" not in top1:
         raise ValueError("the gap needs scratch.json and finetune_epE.json among the files")
     ft = top1.pop("finetune")
+    if not top1:
+        raise ValueError("no METHOD_epE.json but fine-tune's among the files: add copy's or distillation's")
     missing = sorted({e for by in top1.values() for e in by} - set(ft))
     if missing:
         raise ValueError(f"no finetune_ep{missing[0]}.json among the files: the gap at {missing[0]} epochs needs it")

@@ -438,6 +438,8 @@ def test_gap_shares_reads_evaluate_outputs_named_by_teacher_epochs(tmp_path):
         evaluate.gap_shares(files + [output("copy_ep24", 33)])
     with pytest.raises(ValueError, match="name it METHOD_epE.json"):
         evaluate.gap_shares(files[:1] + [output("distill", 40)])
+    with pytest.raises(ValueError, match="add copy's or distillation's"):
+        evaluate.gap_shares(files[:2])
     try:
         import matplotlib  # noqa: F401 -- optional: only --curves uses it
     except ImportError:
