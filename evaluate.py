@@ -467,11 +467,12 @@ def plot_curves(files, path):
         raise ValueError("--curves draws with matplotlib, which is not installed: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     if all(f.endswith(".json") for f in files):
-        for method, (epochs, shares) in gap_shares(files).items():
+        curves = gap_shares(files)
+        for method, (epochs, shares) in curves.items():
             ax.plot(epochs, shares, marker="o", label=method)
         ax.axhline(100, color="gray", lw=0.8, ls="--")
         ax.set(xlabel="teacher's MAE pre-training epochs", ylabel="share of the scratch-to-fine-tune gap (%)",
-               title="what attention transfer recovers", xticks=epochs)
+               title="what attention transfer recovers", xticks=sorted({e for es, _ in curves.values() for e in es}))
     else:
         for log in files:
             with open(log) as f:

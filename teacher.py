@@ -73,8 +73,8 @@ class Teacher(nn.Module):
     def summary(self):
         """One line for the log."""
         return (f"teacher {self.name}: {vit.describe(self.report)}; layers {format_layers(self.layers)} of "
-                f"{self.model.depth}, heads {self.heads}/{self.model.num_heads}, runs {self.layers[-1]} blocks + "
-                f"one's q, k; mean {self.mean} std {self.std}")
+                f"{self.model.depth}, heads {self.heads}/{self.model.num_heads}, runs {self.layers[-1]} of its blocks, "
+                f"then block {self.layers[-1]}'s q, k, v; mean {self.mean} std {self.std}")
 
     def describe(self):
         """Plain values for the student's checkpoint (copy needs its teacher at inference)."""

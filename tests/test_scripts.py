@@ -29,7 +29,7 @@ def teacher_file(tmp_path_factory):
 def test_two_step_cli_run_on_fake_data(tmp_path, teacher_file, script, mode, capsys):
     stats = script.main(FAST + ["--teacher", teacher_file, "--teacher_heads", "4", "--mode", mode, "--layers",
                                 ":4", "--output_dir", str(tmp_path)])
-    assert "layers 0-3 of 6, heads 4/4, runs 3 blocks + one's q, k" in capsys.readouterr().out  # 3 of 6 blocks, then q, k
+    assert "layers 0-3 of 6, heads 4/4, runs 3 of its blocks, then block 3's q, k, v" in capsys.readouterr().out
     assert stats["step"] == 2 and "val_acc1" in stats
     if script is distill_attention:
         assert stats["train_atd"] > 0 and stats["train_task"] > 0

@@ -17,7 +17,7 @@ def student(**kw):
 def test_plan_from_flags(teacher_file):
     t = Teacher(teacher_file, student(), ":-1", 3, "q")
     assert t.layers == [0, 1] and t.heads == 3
-    assert "layers 0-1 of 3, heads 3/4, runs 1 blocks + one's q, k" in t.summary()
+    assert "layers 0-1 of 3, heads 3/4, runs 1 of its blocks, then block 1's q, k, v" in t.summary()
     qkv = t(torch.randn(1, 3, 16, 16))
     q, k, v = qkv[0]  # exchange "q": the teacher hands over q only
     assert sorted(qkv) == [0, 1] and q.shape == (1, 3, 17, 8) and q.is_contiguous() and k is None and v is None
