@@ -25,7 +25,7 @@ Augmentation (torchvision.transforms.v2), --aug randaug, img_size > 64, as MAE f
 bicubic), flip, RandAugment m9, ToDtype, Normalize, RandomErasing(--reprob); eval: Resize(img_size / 0.875, bicubic)
 + CenterCrop (MAE: crop ratio 1 above 224 px). At <= 64 px (not in the authors' code, which is ImageNet-only):
 RandomCrop with 4 px zero padding instead of RandomResizedCrop, and no resizing at eval. --aug crop (MAE pre-training):
-RandomResizedCrop (0.2-1) and flip only.
+RandomResizedCrop (0.2-1) and flip (and RandomErasing(--reprob), which MAE's recipe sets to 0).
 
 Where this differs from timm's create_transform(aa='rand-m9-mstd0.5-inc1', re_mode='pixel', re_count=1) that MAE and
 the authors used:
@@ -70,19 +70,19 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 def train_transform(img_size, aug="randaug", reprob=0.25):
     """uint8 tensor (3, H, W) or PIL image -> augmented, normalised float tensor (3, img_size, img_size)."""
-    finish = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    erase = [v2.RandomErasing(p=reprob, value="random")] if reprob > 0 else []
+    finish = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD), *erase, v2.ToPureTensor()]
     if aug == "crop":
         crop = v2.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=BICUBIC)
-        return v2.Compose([crop, v2.RandomHorizontalFlip(), *finish, v2.ToPureTensor()])
+        return v2.Compose([crop, v2.RandomHorizontalFlip(), *finish])
     if aug != "randaug":
         raise ValueError(f"unknown --aug {aug!r}: randaug or crop")
     crop = (v2.RandomCrop(img_size, padding=4) if img_size <= 64 else  # zero padding, the usual CIFAR crop
             v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=BICUBIC))
     one_op = v2.RandAugment(num_ops=1, magnitude=9, num_magnitude_bins=11, fill=FILL,
                             interpolation=v2.InterpolationMode.BILINEAR)
-    erase = [v2.RandomErasing(p=reprob, value="random")] if reprob > 0 else []
     return v2.Compose([crop, v2.RandomHorizontalFlip(), v2.RandomApply([one_op], p=0.5),
-                       v2.RandomApply([one_op], p=0.5), *finish, *erase, v2.ToPureTensor()])
+                       v2.RandomApply([one_op], p=0.5), *finish])
 
 
 def eval_transform(img_size, resize=True):

@@ -133,8 +133,8 @@ PRETRAIN_CIFAR = dict(
 
 
 def export_encoder(checkpoint, path, mean=None, std=None):
-    """A pre-training checkpoint (this script's checkpoint.pth) -> the encoder in MAE's format {'model': ...} with
-    timm names, float16 (half the size; cast back on load), with its architecture and input statistics recorded."""
+    """A checkpoint.pth of this script or train.py -> the encoder (and any trained head) in MAE's format {'model': ...}
+    with timm names, float16 (half the size; cast back on load), with its architecture and input statistics recorded."""
     ckpt = vit.load_file(checkpoint)
     encoder = {k: v.half() for k, v in ckpt["model"].items() if not k.startswith(("decoder_", "mask_token"))}
     arch = {k: v for k, v in ckpt["arch"].items() if k not in ("drop_path",)}

@@ -127,7 +127,7 @@ def get_args_parser(description, recipe, presets):
     p.add_argument("--val_subset", type=int, help="evaluate on this many images")
     p.add_argument("--aug", default="randaug", choices=["randaug", "crop"],
                    help="randaug: crop, flip, RandAugment m9, random erasing (fine-tuning); crop: crop + flip (MAE)")
-    p.add_argument("--reprob", type=float, default=0.25, help="random erasing probability (with --aug randaug)")
+    p.add_argument("--reprob", type=float, default=0.25, help="random erasing probability (after either --aug)")
     p.add_argument("--mixup", type=float, default=0.8)
     p.add_argument("--cutmix", type=float, default=1.0)
     p.add_argument("--smoothing", type=float, default=0.1)

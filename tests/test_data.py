@@ -3,6 +3,7 @@ a 512-image subset of the real CIFAR-10 beside the repository (conftest.cifar10_
 
     .venv/bin/python -m pytest tests/test_data.py -q
 """
+import itertools
 import os
 import pickle
 import shutil
@@ -83,15 +84,15 @@ def test_cutmix_pastes_a_box_whose_area_is_the_target_weight():
 def test_train_transforms_normalise_and_erase():
     torch.manual_seed(0)
     flat = torch.full((3, 32, 32), 200, dtype=torch.uint8)
-    x = data.train_transform(32, aug="crop")(flat)  # crop + flip of a flat image: the normalised colour
+    x = data.train_transform(32, aug="crop", reprob=0)(flat)  # crop + flip of a flat image: the normalised colour
     torch.testing.assert_close(x, ((200 / 255 - MEAN) / STD).expand(3, 32, 32), atol=1e-3, rtol=0)
     noise = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     x = torch.stack([data.train_transform(32, reprob=0)(noise) for _ in range(4)])
     assert x.min() < -1.5 and x.max() > 2  # black and white pixels, normalised
     # random erasing fills a box (>= 2% of the image) with N(0, 1) noise, off the grid of normalised uint8 values
-    for reprob in (0.0, 1.0):
+    for aug, reprob in itertools.product(("randaug", "crop"), (0.0, 1.0)):  # --reprob acts with either --aug
         for _ in range(4):
-            k = unnormalise(data.train_transform(32, reprob=reprob)(noise))
+            k = unnormalise(data.train_transform(32, aug, reprob)(noise))
             off_grid = (k - k.round()).abs() > 0.01
             assert off_grid.float().mean() > 0.01 if reprob else not off_grid.any()
             assert not reprob or len(k[off_grid].unique()) > 50  # noise, not a constant (value=0) fill
