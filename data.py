@@ -5,14 +5,15 @@ Li et al. 2024, arXiv 2411.09702).
     mix = MixupCutmix(0.8, 1.0, 0.1, num_classes); images, targets = mix(images, labels)   # targets (B, K)
     ood_set, class_index = build_ood_dataset("r", "/data/imagenet-r", 224, imagenet_wnids)
     logits = restrict_logits(model(images), class_index)                                   # (B, 200) for -A/-R
-    python data.py pack ../shared/data/cifar10 data/cifar10.pack.pth   # one file for a machine that gets 64 MiB
+    python data.py pack ../shared/data/cifar10 data/cifar10.pack.pth   # the whole dataset as one file (18.3 MiB)
 
 Datasets: 'folder' (ImageFolder tree: root/train + root/val, or root/test), torchvision 'cifar10'/'cifar100', 'fake'
 (deterministic noise for smoke runs), and ImageNet-V2/-A/-R/-Sketch for evaluation. 'cifar10' with no root looks in
 ./data/cifar10 (ImageFolder, train/ + test/), then ../shared/data/cifar10 beside the repository, then downloads
 torchvision's copy into ./data (find_cifar10). A root that holds train/ is read as an ImageFolder tree, a root ending
-in .pth as a packed file (`python data.py pack`: the encoded bytes of every image, unchanged, zlib-compressed: 18.3 MiB for CIFAR-10).
-A val/ (or test/) folder must have exactly train/'s class folders: label i has to mean the same class in both.
+in .pth as a packed file (`python data.py pack`: the encoded bytes of every image, unchanged, zlib-compressed: 18.3 MiB
+for CIFAR-10; it replaces no file but its own earlier output). A val/ (or test/) folder must have exactly train/'s
+class folders: label i has to mean the same class in both; one class folder alone is refused (it trains to loss 0).
 At img_size <= 64 (CIFAR-sized), and for packed files at any size, every image is decoded once and held in memory as
 uint8 (N, 3, H, W), so epochs are not spent decoding: the 50,000 32x32 CIFAR-10 JPEGs take about 6 s with PIL on our
 shared 2-core machine (torchvision.io's decoders are deprecated as of torchvision 0.29; a thread pool was slower than
@@ -46,9 +47,11 @@ MixUp/CutMix: like timm's Mixup(mixup_alpha, cutmix_alpha, switch_prob 0.5, mode
 torchvision pairs image i with image i-1 (timm: with B-1-i), which gives the same distribution of pairs.
 """
 import argparse
+import hashlib
 import io
 import os
 import pathlib
+import signal
 import sys
 import warnings
 import zlib
@@ -56,8 +59,10 @@ import zlib
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
+
+import vit
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as MAE uses for every dataset
 FILL = [round(255 * m) for m in MEAN]  # timm's RandAugment fill colour (its hparams img_mean)
@@ -66,6 +71,10 @@ BICUBIC = v2.InterpolationMode.BICUBIC
 LAYOUT = "--data_path should point at the folder containing train/ and val/ (or test/), one sub-folder per class"
 REPO = os.path.dirname(os.path.abspath(__file__))  # find_cifar10 looks in REPO/../shared/data/cifar10
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+PACKED = "data.py pack"  # written into every packed file: pack only ever replaces a file that carries it
+# The most a packed split's images may inflate, over its compressed bytes: encoded images (PNG, JPEG) hardly compress
+# further (CIFAR-10's JPEGs inflate 3x), so a file that claims more is corrupt or made to exhaust memory.
+MAX_INFLATE = 100
 
 
 def train_transform(img_size, aug="randaug", reprob=0.25):
@@ -157,20 +166,30 @@ def open_folder(root, split):
         missing, extra = [c for c in expected if c not in classes], [c for c in classes if c not in expected]
         raise ValueError(f"{folder} does not have train/'s classes (missing {len(missing)}: {missing[:5]}; extra "
                          f"{len(extra)}: {extra[:5]}): give it the same class folders as {train}")
+    if len(classes) == 1:  # every label the same: loss 0 and 100% accuracy, and nothing learnt
+        raise ValueError(f"{folder} has a single class folder ({classes[0]}): a classifier needs two classes or "
+                         f"more; {LAYOUT}")
     return files, labels, classes
 
 
 def pack(src, dst):
     """`python data.py pack SRC DST`: the ImageFolder tree SRC (train/ and val/ or test/) -> one file DST holding every
     image's encoded bytes unchanged (no re-encoding), for a machine that can receive little (a GPU that gets 64 MiB).
-    DST holds {'classes': [str], split: {'zlib': uint8, the bytes of all files zlib-compressed, 'offsets': int64 (N + 1,)
-    into the decompressed bytes, 'labels': int64 (N,)}}
-    and loads with torch.load(weights_only=True); --data_path DST reads it like SRC."""
+    DST holds {'written_by': PACKED, 'classes': [str], split: {'zlib': uint8, the bytes of all files zlib-compressed,
+    'offsets': int64 (N + 1,) into the decompressed bytes, 'labels': int64 (N,)}}
+    and loads with torch.load(weights_only=True); --data_path DST reads it like SRC. Every image is opened first (an
+    unreadable one is named here, not on the machine the file goes to). An existing DST is replaced only if pack wrote
+    it: never a checkpoint or any other file."""
     if not dst.endswith(".pth"):
         raise ValueError(f"packed file {dst} must end in .pth: that is how --data_path tells it from a folder")
-    out = {}
+    if os.path.exists(dst) and not written_by_pack(dst):
+        raise ValueError(f"{dst} exists and is not a file python data.py pack wrote: refusing to replace it; give "
+                         "another DST")
+    out = {"written_by": PACKED}
     for split in ("train", "val"):
         files, labels, out["classes"] = open_folder(src, split)
+        for f in files:
+            load(f)  # a ValueError naming the file if PIL cannot read it
         chunks = [pathlib.Path(f).read_bytes() for f in files]
         offsets = torch.tensor([0] + [len(c) for c in chunks]).cumsum(0)
         name = split if os.path.isdir(os.path.join(src, split)) else "test"  # what open_folder read
@@ -178,27 +197,91 @@ def pack(src, dst):
         blob = zlib.compress(b"".join(chunks), 6)
         out[name] = {"zlib": torch.frombuffer(bytearray(blob), dtype=torch.uint8), "offsets": offsets,
                      "labels": torch.tensor(labels)}
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    torch.save(out, dst + ".tmp")
-    os.replace(dst + ".tmp", dst)  # never a half-written file under the real name
-    print(f"packed {src} into {dst}: " + ", ".join(f"{k} {len(v['labels'])} images" for k, v in out.items()
-                                                   if k != "classes") + f", {os.path.getsize(dst) / 2**20:.1f} MiB")
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        with open(tmp, "wb") as f:  # a Python file: a full disk is an OSError, not torch's RuntimeError
+            torch.save(out, f)
+        os.replace(tmp, dst)  # never a half-written file under the real name
+    except OSError as e:  # a full disk, a folder that cannot be written
+        raise ValueError(f"cannot write {dst} ({e.strerror or oneline(e)}): free some space or give another DST") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    counts = ", ".join(f"{k} {len(v['labels'])} images" for k, v in out.items() if isinstance(v, dict))
+    print(f"packed {src} into {dst}: {counts}, {os.path.getsize(dst) / 2**20:.1f} MiB")
+
+
+def written_by_pack(path):
+    """Whether an existing file is an output of pack(): it carries PACKED, or (written before the mark) it has pack's
+    layout, which no checkpoint has."""
+    try:
+        packed = open_pack(path)
+    except (ValueError, FileNotFoundError):
+        return False
+    return packed.get("written_by") == PACKED or "written_by" not in packed
+
+
+def open_pack(path):
+    """A file written by pack() -> its contents, every part checked (without inflating the images); a one-line error
+    naming the file otherwise."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no packed file {path}: build it with python data.py pack SRC {path}, or {LAYOUT}")
+    try:
+        problem = vit.torch_file_problem(path)  # a compressed record could take gigabytes inside torch.load
+        packed = {} if problem else torch.load(path, weights_only=True, mmap=True)
+    except Exception as e:  # a truncated copy, a checkpoint holding Python objects, ...
+        problem = f"{type(e).__name__}: {oneline(e)}"
+    problem = problem or pack_problem(packed)
+    if problem:
+        raise ValueError(f"{path} is not a packed dataset ({problem}): --data_path takes a folder with train/ and val/ "
+                         "(or test/), or a file that python data.py pack SRC NEW.pth writes")
+    return packed
+
+
+def pack_problem(packed):
+    """What in a loaded file is not as pack() writes it, as a phrase, or None."""
+    if not isinstance(packed, dict) or "classes" not in packed:
+        keys = sorted(map(str, packed))[:4] if isinstance(packed, dict) else type(packed).__name__
+        return f"it holds {keys}, not the class names and images pack writes"
+    classes = packed["classes"]
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
+        return "its class names are not two strings or more"
+    splits = [k for k in ("train", "val", "test") if k in packed]
+    if "train" not in splits or len(splits) != 2:
+        return f"it has the splits {splits}, not train and val (or test)"
+    for split in splits:
+        part = packed[split] if isinstance(packed[split], dict) else {}
+        dtypes = {k: v.dtype for k, v in part.items() if isinstance(v, torch.Tensor)}
+        if dtypes != {"zlib": torch.uint8, "offsets": torch.int64, "labels": torch.int64}:
+            return f"its {split} split is not the tensors zlib (uint8), offsets and labels (int64)"
+        offsets, labels = part["offsets"], part["labels"]
+        if offsets.ndim != 1 or len(offsets) != len(labels) + 1 or offsets[0] != 0 or (offsets.diff() < 0).any():
+            return f"the offsets of its {split} split do not index its {len(labels)} images"
+        if len(labels) and not (0 <= labels.min() and labels.max() < len(classes)):
+            return f"its {split} split has labels outside 0..{len(classes) - 1}"
+        if offsets[-1] > MAX_INFLATE * part["zlib"].numel():
+            return (f"its {split} split claims {offsets[-1].item()} bytes of images in {part['zlib'].numel()} "
+                    f"compressed bytes, more than {MAX_INFLATE}x")
+    return None
 
 
 def read_pack(path, split):
     """A file written by pack() -> (sources [(name, bytes)], labels, classes) of split ('val': val, else test)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no packed file {path}: build it with python data.py pack SRC {path}, or {LAYOUT}")
-    try:
-        packed = torch.load(path, weights_only=True, mmap=True)
-        classes = packed["classes"]
-    except Exception as e:  # a checkpoint given as --data_path, a truncated copy, ...
-        raise ValueError(f"{path} is not a packed dataset ({type(e).__name__}: {oneline(e)}): build it with python "
-                         f"data.py pack SRC {path}") from e
+    packed = open_pack(path)
     split = split if split in packed else "test"
-    blob, offsets = zlib.decompress(packed[split]["zlib"].numpy().tobytes()), packed[split]["offsets"].tolist()
+    part = packed[split]
+    offsets = part["offsets"].tolist()
+    inflater = zlib.decompressobj()
+    try:
+        blob = inflater.decompress(part["zlib"].numpy().tobytes(), offsets[-1])  # never more than the offsets say
+    except zlib.error:
+        blob = b""  # said below
+    if len(blob) != offsets[-1] or not inflater.eof:
+        raise ValueError(f"{path} is not a packed dataset (its {split} images do not inflate to the {offsets[-1]} "
+                         f"bytes its offsets say): the file is damaged; pack it again from its folder")
     sources = [(f"{path}:{split}/{i}", blob[a:b]) for i, (a, b) in enumerate(zip(offsets, offsets[1:]))]
-    return sources, packed[split]["labels"].tolist(), classes
+    return sources, part["labels"].tolist(), packed["classes"]
 
 
 def find_cifar10():
@@ -244,8 +327,18 @@ def load(source):
     try:
         with Image.open(io.BytesIO(fp) if isinstance(fp, bytes) else fp) as im:
             return to_rgb(im)
+    except UnidentifiedImageError:  # PIL's message names the file object (<_io.BytesIO ...>), not the image
+        reason = "not an image PIL can identify"
     except Exception as e:
-        raise ValueError(f"cannot read image {name} ({oneline(e)}): delete or replace the file") from e
+        reason = oneline(e)
+    fix = "delete or replace the file"
+    if isinstance(fp, bytes):
+        fix = "the packed file is damaged: pack it again from its folder"
+    raise ValueError(f"cannot read image {name} ({reason}): {fix}")
+
+
+def name_of(source):  # a file path, or (name, bytes) from a packed file -> its name
+    return source[0] if isinstance(source, tuple) else source
 
 
 def decode(source, img_size=None):
@@ -273,12 +366,12 @@ def readable(files, labels):
     return [f for f, good in zip(files, ok) if good], [l for l, good in zip(labels, ok) if good]
 
 
-def balanced_subset(labels, n, seed):
-    """Indices (sorted) of n items, the classes as equal as possible, chosen at random; the same for the same seed."""
+def balanced_subset(labels, n, seed, flag="the subset"):
+    """Indices (sorted) of n items, the classes as equal as possible, chosen at random; the same for the same seed.
+    flag: what chose n (--subset, --val_subset), for the error when n is too large."""
     labels = torch.as_tensor(labels)
     if n > len(labels):
-        raise ValueError(f"subset of {n} is larger than the dataset ({len(labels)} images): lower --subset or "
-                         "--val_subset")
+        raise ValueError(f"{flag} {n} is larger than the dataset ({len(labels)} images): lower {flag}")
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     # rank of each shuffled item among the shuffled items of its class; take all ranks 0, then all ranks 1, ...
     by_class = torch.argsort(labels[order], stable=True)
@@ -302,8 +395,9 @@ def build_dataset(name, root, split, img_size, subset=None, seed=0, download=Fal
     chosen with seed. Small images (img_size <= 64) and packed files are held in memory, decoded once."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    flag = "--subset" if split == "train" else "--val_subset"  # the flag of train.py and evaluate.py that sets it
     if subset is not None and subset < 1:
-        raise ValueError(f"a subset of {subset} images: --subset and --val_subset must be at least 1 (or left out)")
+        raise ValueError(f"{flag} {subset}: a subset must be at least 1 image (or left out)")
     root = os.fspath(root or "")
     if name == "cifar10" and not root:
         root = find_cifar10()
@@ -331,22 +425,28 @@ def build_dataset(name, root, split, img_size, subset=None, seed=0, download=Fal
     elif name == "folder":
         packed = root.endswith(".pth")
         files, labels, classes = read_pack(root, split) if packed else open_folder(root, split)
+        if split == "train" and not packed:  # val/'s layout too, before the training images are decoded
+            open_folder(root, "val")
         if subset is not None:  # before decoding: only the chosen images are read
-            keep = balanced_subset(labels, subset, seed).tolist()
+            keep = balanced_subset(labels, subset, seed, flag).tolist()
             files, labels, subset = [files[i] for i in keep], [labels[i] for i in keep], None
         if img_size > 64 and not packed:
             if split == "train":
                 return Files(files, labels, train_transform(img_size, aug, reprob)), len(classes)
             return Files(*readable(files, labels), eval_transform(img_size)), len(classes)
-        decoded = [decode(f, img_size if img_size <= 64 else None) for f in files]  # above 64 px: stored size
-        if len({tuple(x.shape) for x in decoded}) > 1:
-            raise ValueError(f"the images in {root} differ in size: pack images of one size, or use --input_size <= 64")
+        decoded = []
+        for f in files:
+            decoded.append(decode(f, img_size if img_size <= 64 else None))  # above 64 px: the stored size
+            if decoded[-1].shape != decoded[0].shape:  # at the first that differs, not after decoding them all
+                raise ValueError(f"the images in {root} differ in size ({name_of(f)}: {tuple(decoded[-1].shape)}, "
+                                 f"{name_of(files[0])}: {tuple(decoded[0].shape)}): pack images of one size, or use "
+                                 "--input_size <= 64")
         images, num_classes = torch.stack(decoded), len(classes)
     else:
         raise ValueError(f"unknown dataset {name!r}: folder, cifar10, cifar100 or fake")
 
     if subset is not None:
-        keep = balanced_subset(labels, subset, seed)
+        keep = balanced_subset(labels, subset, seed, flag)
         images, labels = images[keep], torch.as_tensor(labels)[keep]
     small = img_size <= 64
     if small and images.shape[-2:] != (img_size, img_size):  # once here rather than every epoch
@@ -367,13 +467,70 @@ def class_names(name, root):
         return torchvision.datasets.CIFAR100(root, train=False).classes
     root = root or (find_cifar10() if name == "cifar10" else "")
     if root.endswith(".pth"):
-        return read_pack(root, "train")[2]
+        return open_pack(root)["classes"]
     for split in ("train", "val", "test"):
         if os.path.isdir(os.path.join(root, split)):
             return class_folders(os.path.join(root, split))
     if name == "cifar10":  # torchvision's copy
         return list(CIFAR10_CLASSES)
     raise FileNotFoundError(f"no folder {os.path.join(root, 'train')}: {LAYOUT}")
+
+
+# ------------------------------------------------------------------------------------ deterministic sampling
+# Every random draw of a run follows from (seed, epoch, image) or (seed, process, step): a run stopped and resumed
+# draws exactly what an uninterrupted one draws, whichever worker or process loads an image (README "Runs you cannot
+# lose").
+def seed_of(*ints):
+    """A 63-bit seed that follows from the integers alone (the same in every process and Python version)."""
+    return int.from_bytes(hashlib.sha256(repr(ints).encode()).digest()[:8], "little") >> 1
+
+
+class Seeded(torch.utils.data.Dataset):
+    """dataset[(epoch, i)] is dataset[i] drawn with torch's generator seeded from (seed, epoch, i): an image's
+    augmentation follows from these alone, whichever worker or process loads it, so workers persist across epochs
+    and a resumed run draws what an uninterrupted one would."""
+
+    def __init__(self, dataset, seed):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        with torch.random.fork_rng(devices=[]):  # the loading process's own stream is left as it was
+            torch.manual_seed(seed_of(self.seed, epoch, i))
+            return self.dataset[i]
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """This process's batches of an epoch: a permutation fixed by (seed, epoch), split between processes as
+    DistributedSampler splits it (rank, rank + world_size, ...), whole batches only. Set .epoch, and .skip to start
+    that many batches in (a mid-epoch resume), before iterating."""
+
+    def __init__(self, n, batch_size, rank, world_size, seed):
+        self.n = n
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.epoch = 0
+        self.skip = 0
+
+    def __len__(self):
+        return self.n // (self.batch_size * self.world_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed_of(self.seed, self.epoch)))
+        mine = order[self.rank::self.world_size].tolist()
+        for b in range(self.skip, len(self)):
+            yield [(self.epoch, i) for i in mine[b * self.batch_size:(b + 1) * self.batch_size]]
+
+
+def quiet_worker(_):
+    """A loader worker ignores Ctrl-C: it is the main process's to handle (it finishes the step, then saves)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class MixupCutmix:
@@ -435,14 +592,19 @@ def restrict_logits(logits, class_index):
     return logits if class_index is None else logits[:, class_index]
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line `error: ...`, as train.py's scripts print it, not argparse's usage block
+        raise ValueError(f"{message} (see --help)")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="data.py pack SRC DST: an ImageFolder tree (train/ and val/ or test/) "
-                                "-> one .pth file with the images' bytes unchanged, usable as --data_path")
+    p = Parser(description="data.py pack SRC DST: an ImageFolder tree (train/ and val/ or test/) "
+                      "-> one .pth file with the images' bytes unchanged, usable as --data_path")
     p.add_argument("command", choices=["pack"])
     p.add_argument("src", help="folder with train/ and val/ (or test/), one sub-folder per class")
     p.add_argument("dst", help="the packed file to write, ending in .pth (e.g. data/cifar10.pack.pth)")
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
         pack(args.src, args.dst)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

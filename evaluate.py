@@ -12,6 +12,7 @@ statistics it records.
         r=/data/imagenet-r sketch=/data/imagenet-sketch --output result.json
     python evaluate.py runs/{copy,distill,scratch}/checkpoint.pth --with_teacher --no_val --jsd \
         --pictures attention.png --picture_heads mean --picture_size 96     # teacher, copy, distill, scratch
+    python evaluate.py --specificity mae_tiny_cifar10 --output results/specificity/mae_tiny_cifar10.json
 
 The JSON result goes to stdout or --output (which only ever replaces an earlier output of this script), tables to
 stderr; nothing is written before every input has been checked.
@@ -24,11 +25,18 @@ stderr; nothing is written before every input has been checked.
   pictures  attention from the CLS query (the mean query without a CLS token) to the patches, each map scaled to
             0..1, black-red-yellow-white: per image and layer a row per model and a column per head, or
             (--picture_heads mean) one row, the image and then the mean over heads of each model.
+  specificity  (--specificity TEACHER, alone) how image-specific a teacher's attention is, per layer: the mean over
+            images, heads and query rows (CLS included) of the JSD (nats, 0..ln 2) between an image's attention row
+            and the same row of the mean map over the images (0: the maps ignore the image), and the mean row entropy.
+            TEACHER is a name or file as the method scripts take it, with --teacher_heads, --teacher_mean and
+            --teacher_std; --val_subset unaugmented val images (512 by default, class-balanced by --seed) of
+            --dataset (default: CIFAR-10 without --data_path, else a folder). results/specificity holds both teachers'.
 A copy student's maps are the ones it runs with: the teacher's q and/or k in the layers and heads it copies.
 """
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -42,7 +50,8 @@ from tqdm import tqdm
 
 import copy_attention
 import data
-import teacher as teachers
+import run_safety
+import teacher
 import train
 import vit
 
@@ -55,7 +64,7 @@ class Model:
     teacher); images arrive normalised with data.MEAN / data.STD."""
     name: str
     net: vit.VisionTransformer
-    method: train.Baseline
+    method: train.Method
     info: dict  # what the result records about it; info["method"] labels it in pictures
     fresh: list = dataclasses.field(default_factory=list)  # untrained tensors (a pre-trained encoder has no head)
     record: dict = dataclasses.field(default_factory=dict)  # the checkpoint's 'method' (Teacher.describe(), mode)
@@ -77,7 +86,7 @@ def load_model(path, args):
     ckpt = vit.load_file(vit.resolve(path))
     if not (isinstance(ckpt, dict) and "config" in ckpt and "arch" in ckpt and isinstance(ckpt.get("model"), dict)):
         net, report = vit.load_pretrained(path, num_heads=args.teacher_heads)  # architecture read from the weights
-        return Model(path, net.eval(), train.Baseline(net).eval(), dict(method="pre-trained", weights="model"),
+        return Model(path, net.eval(), train.Method(net).eval(), dict(method="pre-trained", weights="model"),
                      report["fresh"], mean=report["mean"] or data.MEAN, std=report["std"] or data.STD)
     arch, record, config = ckpt["arch"], ckpt.get("method") or {}, ckpt["config"] or {}
     check_config(path, arch, config)
@@ -90,10 +99,17 @@ def load_model(path, args):
     mode = record.get("mode") or ("fine-tune" if config.get("finetune") else
                                   "mae pre-training" if "mask_ratio" in config else "scratch")
     info = dict(method=mode, weights=weights, **{k: record[k] for k in ("teacher", "layers", "heads") if k in record})
-    method = train.Baseline(net)
-    if mode in copy_attention.EXCHANGE:  # the teacher runs at inference too
-        method = copy_attention.CopyAttention(net, build_teacher(path, record, net, args), mode)
+    method = train.Method(net)
+    if mode in copy_attention.FROM_TEACHER:  # the teacher runs at inference too (not with --average images)
+        average = record.get("average", "none")  # absent from checkpoints written before the ablation existed
+        mean_map = (ckpt.get("method_tensors") or {}).get("mean_map")  # --average images: saved, not computed again
+        if average == "images" and mean_map is None:
+            raise ValueError(f"{path} was trained with --average images but holds no mean map (method_tensors): the "
+                             "file was edited or mixed up; use the original")
+        method = copy_attention.CopyAttention(net, build_teacher(path, record, net, args), mode, average=average,
+                                              mean_map=mean_map)
         info["teacher"] = method.teacher.name
+        info["average"] = average
     return Model(path, net.eval(), method.eval(), info, report["fresh"], record, config)
 
 
@@ -119,12 +135,12 @@ def build_teacher(path, record, student, args):
     except (FileNotFoundError, ValueError) as e:
         raise FileNotFoundError(f"{path} needs its teacher {source} ({e}): pass --teacher PATH pointing at the "
                                 "teacher it was trained with") from None
-    sha, recorded = teachers.sha256(file), record.get("teacher_sha256")
+    sha, recorded = teacher.sha256(file), record.get("teacher_sha256")
     if recorded and sha != recorded:
         raise ValueError(f"teacher {source} is not the one {path} was trained with (sha256 {sha[:12]}..., recorded "
                          f"{recorded[:12]}...): pass --teacher PATH pointing at that file")
-    exchange = record.get("exchange") or copy_attention.EXCHANGE.get(record.get("mode"), "qk")
-    return teachers.Teacher(source, student, ",".join(map(str, record["layers"])), record.get("heads"), exchange,
+    exchange = record.get("exchange") or copy_attention.FROM_TEACHER.get(record.get("mode"), "qk")
+    return teacher.Teacher(source, student, ",".join(map(str, record["layers"])), record.get("heads"), exchange,
                             (record.get("teacher_arch") or {}).get("num_heads") or args.teacher_heads,
                             record.get("teacher_mean"), record.get("teacher_std"))
 
@@ -135,7 +151,7 @@ def teacher_model(models, args):
     if m is None:
         raise ValueError("--with_teacher: none of the checkpoints records a teacher (only copy and distill do)")
     t = build_teacher(m.name, m.record, m.net, args)
-    return Model(f"teacher {t.name}", t.model, train.Baseline(t.model).eval(), dict(method="teacher", weights="model"),
+    return Model(f"teacher {t.name}", t.model, train.Method(t.model).eval(), dict(method="teacher", weights="model"),
                  mean=t.mean, std=t.std)
 
 
@@ -169,7 +185,7 @@ def collect_logits(model, dataset, args, class_index=None, desc=""):
 
 
 def scores(logits, labels, names):
-    """Top-1 and top-5 (%), mean cross-entropy of logits or log-probabilities (N, K) as train.evaluate counts them,
+    """Top-1 and top-5 (%), mean cross-entropy of logits or log-probabilities (N, K) as train.validate counts them,
     and top-1 per class present, by name."""
     top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
     hit, count = (top5[:, 0] == labels).double(), torch.bincount(labels, minlength=len(names))
@@ -214,12 +230,12 @@ def with_heads(own, theirs):
 @torch.no_grad()
 def attention_qk(model, images, layers):
     """{layer: (q, k)}, each (B, H, N, D), of the attention the model runs with on images (B, 3, S, S)."""
-    images, attend, taken = model.inputs(images), {}, {}
+    images, attention_fns, taken = model.inputs(images), {}, {}
     if isinstance(model.method, copy_attention.CopyAttention):  # the copy as CopyAttention.predict runs it
         t = model.method.teacher
         taken = t(images)
-        attend = {l: (lambda q, k, v, qkv=qkv: model.method.attend(q, k, v, *qkv)) for l, qkv in taken.items()}
-    _, qkv = model.net.forward_features(images, attend=attend, collect=layers)
+        attention_fns = {l: functools.partial(model.method.attention, teacher_qkv=qkv) for l, qkv in taken.items()}
+    _, qkv = model.net.forward_features(images, attention_fns=attention_fns, collect=layers)
     out = {}
     for l, (q, k, _) in qkv.items():
         if l in taken:  # the teacher's q and/or k in the copied heads (copy: both, copy_q: q, copy_k: k, copy_v: none)
@@ -337,6 +353,76 @@ def analysis_images(models, args):
     return torch.stack([ds[i][0] for i in keep]).to(args.device), [args.names[ds[i][1]] for i in keep]
 
 
+# ------------------------------------------------------------------------------------------------ specificity
+def specificity_teacher(args):
+    """--specificity's teacher loaded as the method scripts load one (vit.load_pretrained, --teacher_heads), seeing its
+    images re-normalised with --teacher_mean / --teacher_std, else the statistics it records, else data.MEAN / STD."""
+    net, report = vit.load_pretrained(args.specificity, num_heads=args.teacher_heads)
+    mean = tuple(args.teacher_mean or report["mean"] or data.MEAN)
+    std = tuple(args.teacher_std or report["std"] or data.STD)
+    return Model(args.specificity, net.eval(), train.Method(net).eval(), dict(method="teacher", weights="model"),
+                 report["fresh"], mean=mean, std=std)
+
+
+@torch.no_grad()
+def specificity(model, loader, device="cpu"):
+    """How image-specific each layer's attention is over the images of loader (batches of (images, labels)), all the
+    model's layers: -> (specificity, entropy), one float per layer, nats.
+
+    specificity: the mean over images, heads and query rows (the CLS row too) of JSD(the image's attention row, the
+    same row of the mean map), where the mean map is the average of softmax(q k^T / sqrt(d)) over the images, per
+    layer, head and query row; 0 when every image gets the same map, at most ln 2. entropy: the mean entropy of the
+    attention rows. Two passes over the loader, the mean maps first, so besides the mean maps (depth, H, N, N) only
+    one batch's q, k (of every layer) and maps (of one layer, (B, H, N, N)) exist at once: a ViT-B at 224 px peaks
+    at 3.8 GB on the CPU at batch 64, whatever the number of images."""
+    layers = list(range(model.net.depth))
+    sums = {l: 0.0 for l in layers}  # becomes (H, N, N) float64 per layer
+    count = 0
+    for images, _ in loader:
+        count += len(images)
+        for l, (q, k) in attention_qk(model, images.to(device), layers).items():
+            sums[l] = sums[l] + vit.attention_map(q, k).double().sum(0)
+    mean_map = {l: s / count for l, s in sums.items()}  # (H, N, N)
+    divergence = {l: 0.0 for l in layers}
+    entropy = {l: 0.0 for l in layers}
+    for images, _ in loader:
+        for l, (q, k) in attention_qk(model, images.to(device), layers).items():
+            p = vit.attention_map(q, k).double()  # (B, H, N, N)
+            divergence[l] += jsd(p, mean_map[l]).sum().item()  # the mean map broadcast over the batch
+            entropy[l] += -torch.xlogy(p, p).sum().item()
+    heads, tokens = mean_map[0].shape[:2]
+    rows = count * heads * tokens  # images x heads x query rows
+    return [divergence[l] / rows for l in layers], [entropy[l] / rows for l in layers]
+
+
+def specificity_result(args):
+    """--specificity: the teacher's per-layer specificity and entropy on --val_subset val images (default 512),
+    class-balanced (--seed) and unaugmented, of --dataset (default: CIFAR-10 without --data_path, else a folder)."""
+    model = specificity_teacher(args)
+    dataset = args.dataset or ("folder" if args.data_path else "cifar10")
+    size = model.net.arch["img_size"]
+    ds, _ = data.build_dataset(dataset, args.data_path, "val", size, subset=args.val_subset or 512, seed=args.seed)
+    loader = torch.utils.data.DataLoader(ds, args.batch_size, num_workers=args.num_workers,
+                                         pin_memory=args.device.startswith("cuda"))
+    model.method.to(args.device)
+    spec, entropy = specificity(model, loader, args.device)
+    file = vit.resolve(args.specificity)
+    return dict(written_by=MARK, teacher=args.specificity, teacher_sha256=teacher.sha256(file),
+                arch=model.net.arch, mean=list(model.mean), std=list(model.std), dataset=dataset,
+                data_path=args.data_path or "", images=len(ds), seed=args.seed, heads=model.net.num_heads,
+                tokens=model.net.grid ** 2 + model.net.num_prefix_tokens, specificity=spec, entropy=entropy)
+
+
+def specificity_table(result):
+    """--specificity's result as text for stderr: a line per layer."""
+    lines = [f"{result['teacher']}: attention specificity (JSD to the mean map, nats, 0..{math.log(2):.3f}) and row "
+             f"entropy (nats, 0..{math.log(result['tokens']):.3f}) on {result['images']} {result['dataset']} val "
+             f"images, {result['heads']} heads, {result['tokens']} tokens, mean {result['mean']} std {result['std']}"]
+    for l, (spec, entropy) in enumerate(zip(result["specificity"], result["entropy"])):
+        lines.append(f"layer {l:<3d} specificity {spec:.4f}  entropy {entropy:.4f}")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ the script
 def parse_layers(flag, spec, depth):
     """A slice of range(depth) like ':' or '-3:', or a list like '0,3,5' (as the method scripts' --layers)."""
@@ -420,17 +506,27 @@ def read_wnids(args):
 def evaluate(args):
     """Everything but writing the JSON: -> the result (module docstring). All input is checked before the long part."""
     models = [load_model(c, args) for c in args.checkpoints]
+    for m in models:  # before the data is looked for: a teacher name records none
+        if (m.fresh or not m.net.arch["num_classes"]) and (not args.no_val or args.ood):
+            raise ValueError(f"{m.name} has no trained classifier (untrained: {', '.join(m.fresh) or 'no head'}): "
+                             f"it is a pre-trained encoder, with no accuracy to measure; fine-tune it (train.py "
+                             f"--finetune {m.name}), or only analyse its attention (--no_val with --jsd or --pictures)")
+    averaged = [m.name for m in models if m.info.get("average", "none") != "none"]
+    if args.analysed and averaged:  # attention_qk would show the teacher's per-image maps, not the averaged ones
+        raise ValueError(f"{averaged[0]} copies averaged maps (--average): --jsd and --pictures analyse per-image "
+                         "attention; evaluate its accuracy only")
+    needs_images = not args.no_val or args.analysed
+    if needs_images and args.dataset is None and args.data_path is None and "dataset" not in models[0].config:
+        raise ValueError(f"{models[0].name} records no dataset (a training run's checkpoint.pth does): "
+                         "pass --dataset and --data_path of the images to evaluate it on (--dataset cifar10 finds "
+                         "CIFAR-10 by itself)")
     args.dataset = args.dataset or models[0].config.get("dataset") or "folder"
     args.data_path = args.data_path if args.data_path is not None else models[0].config.get("data_path", "")
-    args.names = data.class_names(args.dataset, args.data_path) if not args.no_val or args.analysed else None
+    args.names = data.class_names(args.dataset, args.data_path) if needs_images else None
     args.wnids = read_wnids(args) if args.ood else None
     if len(models) > 1 and args.ensemble != "none" and len({m.net.arch["num_classes"] for m in models}) > 1:
         counts = ", ".join(f"{m.name}: {m.net.arch['num_classes']}" for m in models)
         raise ValueError(f"models with different class counts cannot be ensembled ({counts}): pass --ensemble none")
-    for m in models:
-        if (m.fresh or not m.net.arch["num_classes"]) and (not args.no_val or args.ood):
-            raise ValueError(f"{m.name} has no trained classifier (untrained: {', '.join(m.fresh) or 'no head'}): "
-                             "it is a pre-trained encoder; fine-tune it, or only analyse it (--no_val --jsd)")
     result = dict(written_by=MARK, models=[dict(name=m.name, **m.info, arch=m.net.arch) for m in models],
                   ensemble=args.ensemble)
     if args.analysed:
@@ -517,16 +613,23 @@ def gap_shares(files):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate checkpoints: accuracy, ensembles, distribution shift, and "
-                                "attention analysis.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", help="checkpoint files (this repository's, or any ViT "
+    p = train.Parser(description="Evaluate checkpoints: accuracy, ensembles, distribution shift, and "
+                     "attention analysis.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoints", nargs="*", help="checkpoint files (this repository's, or any ViT "
                    "vit.load_pretrained reads: MAE, timm, DeiT, DINO) or teacher names; with --curves, log.jsonl "
-                   "files or this script's outputs")
+                   "files or this script's outputs; none with --specificity")
     p.add_argument("--curves", metavar="PNG", help="only draw (matplotlib): top-1 per epoch of log.jsonl files, or "
                    "the share of the gap against teacher epochs of this script's METHOD_epE.json outputs")
     p.add_argument("--ema", action="store_true", help="EMA weights where a checkpoint has them (raw otherwise)")
     p.add_argument("--teacher", help="the teacher file for copy checkpoints / --with_teacher, instead of the recorded")
     p.add_argument("--teacher_heads", type=int, help="heads per layer, for a file that does not record them")
+    p.add_argument("--specificity", metavar="TEACHER", help="only this: how image-specific the attention of TEACHER "
+                   "(a name or file, as the method scripts take it) is, per layer, on --val_subset val images (512 "
+                   "if not given) of --dataset (default: CIFAR-10 without --data_path, else folder)")
+    p.add_argument("--teacher_mean", type=float, nargs=3, help="--specificity's teacher's input mean (default: its "
+                   "record)")
+    p.add_argument("--teacher_std", type=float, nargs=3, help="--specificity's teacher's input std (default: its "
+                   "record)")
     p.add_argument("--dataset", choices=["folder", "cifar10", "cifar100", "fake"],
                    help="default: what the first checkpoint was trained on, else folder")
     p.add_argument("--data_path", help="default: what the first checkpoint was trained on")
@@ -558,6 +661,7 @@ def main(argv=None):
     p.add_argument("--output", help="write the JSON result here instead of stdout")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
+    train.check_device(args.device)
     args.amp = ("bf16" if args.device.startswith("cuda") else "none") if args.amp == "auto" else args.amp
     args.progress, args.analysed = not args.no_progress and sys.stderr.isatty(), args.jsd or bool(args.pictures)
     ood = [s.split("=", 1) for s in args.ood]
@@ -569,14 +673,22 @@ def main(argv=None):
             raise ValueError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if args.with_teacher and not args.analysed:
         raise ValueError("--with_teacher adds the teacher to --jsd / --pictures: pass one of them")
+    if args.specificity and (args.checkpoints or args.analysed or args.ood or args.curves or args.ema or args.teacher):
+        raise ValueError("--specificity TEACHER analyses its teacher alone: give no checkpoints, --jsd, --pictures, "
+                         "--ood, --curves, --ema or --teacher with it")
+    if not args.specificity and (args.teacher_mean or args.teacher_std):
+        raise ValueError("--teacher_mean / --teacher_std are the input statistics of --specificity's teacher: pass "
+                         "--specificity TEACHER")
+    if not args.specificity and not args.checkpoints:
+        raise ValueError("give the checkpoints to evaluate, or --specificity TEACHER")
     for flag, path in (("--output", args.output), ("--pictures", args.pictures), ("--curves", args.curves)):
         if path:
             check_writable(flag, path)
     if args.curves:
         return plot_curves(args.checkpoints, args.curves)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON alone (data.py and the logs print)
-        result = evaluate(args)
-    print(table(result), file=sys.stderr)
+        result = specificity_result(args) if args.specificity else evaluate(args)
+    print(specificity_table(result) if args.specificity else table(result), file=sys.stderr)
     text = json.dumps(result, indent=1)
     if args.output:
         write_atomic(args.output, lambda f: f.write((text + "\n").encode()))
@@ -585,4 +697,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    train.cli(main)
+    run_safety.cli(main)

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torchvision
 
 import data
+import run_safety
 import train
 import vit
 
@@ -93,7 +94,7 @@ def sincos_pos_embed(dim, grid):
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), torch.cat(parts, 1)]).float()[None]
 
 
-class MAEPretrain(train.Baseline):
+class MAEPretrain(train.Method):
     classifies = False
 
     def forward(self, images, targets):
@@ -122,7 +123,7 @@ PRETRAIN = dict(
     drop_path=0.0, ema=0.0, aug="crop", reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0,  # crop + flip only
     mask_ratio=0.75, decoder_dim=512, decoder_depth=8, decoder_heads=16,
 )
-# The shipped CIFAR-10 teacher (README "The shipped teacher"): the student's shape, a 1-block decoder (MAE's Table 1a:
+# The shipped CIFAR-10 teacher (README "The shipped teachers"): the student's shape, a 1-block decoder (MAE's Table 1a:
 # depth 1 costs little for fine-tuning) and a higher lr than MAE's for a 48-epoch schedule on a 2-core CPU.
 PRETRAIN_CIFAR = dict(
     model="vit_tiny_cifar", input_size=32, dataset="cifar10", data_path="", epochs=48, warmup_epochs=2,
@@ -138,16 +139,16 @@ def export_encoder(checkpoint, path, mean=None, std=None):
     ckpt = vit.load_file(checkpoint)
     encoder = {k: v.half() for k, v in ckpt["model"].items() if not k.startswith(("decoder_", "mask_token"))}
     arch = {k: v for k, v in ckpt["arch"].items() if k not in ("drop_path",)}
-    train.save_atomic({"model": encoder, "arch": arch, "epoch": ckpt["epoch"], "mean": list(mean or data.MEAN),
+    run_safety.save_atomic({"model": encoder, "arch": arch, "epoch": ckpt["epoch"], "mean": list(mean or data.MEAN),
                        "std": list(std or data.STD)}, path)
 
 
 def main(argv=None):
     parser = train.get_args_parser("MAE pre-training of a ViT encoder.", PRETRAIN, {"cifar": PRETRAIN_CIFAR})
-    parser.add_argument("--mask_ratio", type=float, help="share of the patches masked")
-    parser.add_argument("--decoder_dim", type=int, help="decoder width")
-    parser.add_argument("--decoder_depth", type=int, help="decoder blocks")
-    parser.add_argument("--decoder_heads", type=int, help="decoder heads")
+    parser.add_argument("--mask_ratio", type=train.in_range(0, 1, low_open=True), help="share of the patches masked")
+    parser.add_argument("--decoder_dim", type=train.COUNT, help="decoder width")
+    parser.add_argument("--decoder_depth", type=train.COUNT, help="decoder blocks")
+    parser.add_argument("--decoder_heads", type=train.COUNT, help="decoder heads")
     args = train.parse_args(parser, argv)
 
     def make_model(args, _):
@@ -155,7 +156,8 @@ def main(argv=None):
         return MAE(args.decoder_dim, args.decoder_depth, args.decoder_heads, args.mask_ratio, img_size=args.input_size,
                    patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads)
 
-    if train.run(args, lambda model, _: MAEPretrain(model), make_model) is not None and int(os.environ.get("RANK", 0)) == 0:
+    train.run(args, MAEPretrain, make_model)
+    if run_safety.is_rank0():
         checkpoint = os.path.join(args.output_dir, "checkpoint.pth")
         export_encoder(checkpoint, os.path.join(args.output_dir, "mae_encoder.pth"))
         model = make_model(args, 0)
@@ -166,4 +168,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    train.cli(main)
+    run_safety.cli(main)

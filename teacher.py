@@ -10,10 +10,11 @@ planned, so that the models' forward passes read like the equations.
 
 The student's images arrive normalised with its own statistics (data.MEAN / data.STD); a teacher trained with other
 statistics (README, "Bring your own teacher") sees the same pixels re-normalised by one affine map on the batch.
-The end of the file holds what both methods' fast kernels share: how they split heads into blocks, and their flags.
+The end of the file holds the flags both method scripts share.
 """
 import argparse
 import hashlib
+import math
 
 import torch
 import torch.nn as nn
@@ -26,8 +27,9 @@ import vit
 class Teacher(nn.Module):
     """A frozen ViT serving (q, k, v) of `layers` (a spec like ':-6' or '0,3,5'), first `heads` heads of each.
 
-    exchange says what the student will take: 'qk' a whole map (copy, distillation), 'q' or 'k' one side of the
-    student's own map (copy_q, copy_k), 'v' the values (copy_v), 'qkv' one tensor each by MSE (distill_q/k/v)."""
+    exchange says what the student will take: 'qk' a whole map (copy, distillation); 'q' or 'k' one side of the
+    student's own map (copy_q, copy_k) or the tensor an MSE compares (distill_q, distill_k); 'v' the values (copy_v,
+    distill_v). The methods' FROM_TEACHER tables say which mode takes what."""
 
     def __init__(self, name_or_path, student, layers=":", heads=None, exchange="qk", num_heads=None, mean=None,
                  std=None, share_drop_path=True):
@@ -63,9 +65,18 @@ class Teacher(nn.Module):
         x, qkv = self.model.forward_features(images, collect=self.layers, drop_masks=drop_masks, depth=last)
         block = self.model.blocks[last]  # of the last transferred block only q, k, v are needed: no attention or MLP
         qkv[last] = block.attn.heads(block.norm1(x))
-        h = self.heads
-        return {l: tuple(t[:, :h].contiguous() if c in self.exchange else None for c, t in zip("qkv", qkv[l]))
-                for l in self.layers}
+        handed = {}
+        for layer in self.layers:
+            q, k, v = qkv[layer]
+            handed[layer] = (self.hand_over(q, "q"), self.hand_over(k, "k"), self.hand_over(v, "v"))
+        return handed
+
+    def hand_over(self, t, name):
+        """The first `heads` heads of t (B, H, N, D), compact (a view would keep the teacher's whole qkv alive); None
+        when the exchange does not use it."""
+        if name not in self.exchange:
+            return None
+        return t[:, :self.heads].contiguous()
 
     def train(self, mode=True):
         return super().train(False)  # frozen: always in eval mode (no dropout, no stochastic depth of its own)
@@ -142,52 +153,39 @@ def sha256(path, chunk=1 << 24):
     return h.hexdigest()
 
 
-# ------------------------------------------------ shared by the two methods' kernels (copy_fast, attention_ce)
-# Elements of one (heads, N, N) block. CPU: 1 MiB in float32 stays in cache, and no large block is freed (freeing a
-# 32 MiB one makes glibc raise its mmap threshold to 32 MiB and keep later frees in its heap: peak RSS 1.6x scratch).
-BLOCK = {"cpu": 2 ** 18}
-BLOCK_DEFAULT = 2 ** 26  # elsewhere (GPUs) 256 MiB in float32: fewer kernel launches
-
-
-def compute_dtype(t):
-    """The dtype the attention-transfer kernels compute in: float64 stays float64, anything else float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def head_blocks(bh, n, device):
-    """Slices of the flattened (batch * heads) dimension, each a block of at most BLOCK elements of (n, n)."""
-    step = max(1, BLOCK.get(device.type, BLOCK_DEFAULT) // (n * n))
-    return [slice(i, i + step) for i in range(0, bh, step)]
-
-
-def flat_heads(t):
-    return t.reshape(-1, *t.shape[2:])  # (B, H, N, D) -> (B * H, N, D)
-
-
-def compact(t):
-    """(B, H, N, D) laid out (B, N, H, D) in a tensor of its own: SDPA then saves exactly q, k, v for backward, not a
-    block's whole qkv output, and a block's out.transpose(1, 2).reshape(B, N, C) is a view, not one more copy."""
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def add_args(parser, modes):
+def add_transfer_args(parser, modes):
     """The flags both method scripts share; --mode chooses among `modes` (the first is the default). -> parser."""
     parser.add_argument("--mode", choices=list(modes), default=next(iter(modes)),
                         help="what is transferred (the method class's docstring)")
-    parser.add_argument("--teacher", help="teacher name (vit.TEACHERS) or checkpoint file (README: any ViT)")
-    parser.add_argument("--teacher_heads", type=int, help="the teacher's heads per layer, where its file does not say")
-    parser.add_argument("--teacher_mean", type=float, nargs=3, help="the teacher's input mean (default: its record)")
-    parser.add_argument("--teacher_std", type=float, nargs=3, help="the teacher's input std (default: its record)")
+    parser.add_argument("--teacher",
+                        help="teacher name (vit.TEACHERS) or checkpoint file (README \"Bring your own teacher\")")
+    parser.add_argument("--teacher_heads", type=train.COUNT,
+                        help="the teacher's heads per layer, where its file does not say")
+    parser.add_argument("--teacher_mean", type=finite, nargs=3, help="the teacher's input mean (default: its record)")
+    parser.add_argument("--teacher_std", type=train.in_range(0, math.inf, low_open=True), nargs=3,
+                        help="the teacher's input std (default: its record)")
     parser.add_argument("--layers", help="transferred layers: a slice of range(depth) like ':', ':18', ':-6', "
                                          "'-6:', or a list '0,3,5'")
-    parser.add_argument("--heads", type=int, help="transfer the first this many heads of each layer (default all)")
+    parser.add_argument("--heads", type=train.COUNT, help="transfer the first this many heads of each layer "
+                                                          "(default all)")
     parser.add_argument("--share_drop_path", action=argparse.BooleanOptionalAction, default=True,
                         help="the teacher uses the student's stochastic-depth masks (the authors' code)")
+    parser.add_argument("--explicit_map", action="store_true",
+                        help="train with the method's definition itself, the N x N attention map materialised (the "
+                             "same numbers, slower, more memory; README \"The methods\")")
     return parser
 
 
-def from_args(args, student, exchange):
-    """The Teacher the method scripts' shared flags describe."""
+def finite(text):
+    """An argparse type: a float that is neither NaN nor infinite."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def teacher_from_args(args, student, exchange):
+    """The Teacher the method scripts' shared flags describe, handing over `exchange` ('qk', 'q', ...)."""
     teacher = Teacher(args.teacher, student, args.layers, args.heads, exchange, args.teacher_heads, args.teacher_mean,
                       args.teacher_std, args.share_drop_path)
     train.print0(teacher.summary())

@@ -7,7 +7,7 @@ through F.scaled_dot_product_attention; a caller may take each block's own q, k,
 all attention transfer needs (Li et al. 2024, arXiv 2411.09702, Sec. 3):
 
     tokens, qkv = model.forward_features(x, collect=[0, 1])  # qkv[l] = (q, k, v) of block l, each (B, H, N, D)
-    tokens, _ = model.forward_features(x, attend={0: fn})    # block 0 computes fn(q, k, v) instead of SDPA(q, k, v)
+    tokens, _ = model.forward_features(x, attention_fns={0: fn})  # block 0 computes fn(q, k, v) instead of SDPA
     logits = model.forward_head(tokens)
 
 This file knows nothing of teachers or students; copy_attention.py and distill_attention.py decide what to pass.
@@ -19,6 +19,7 @@ import os
 import pickle
 import time
 import urllib.parse
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -40,14 +41,17 @@ class Attention(nn.Module):
         B, N, C = x.shape
         return self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
 
-    def forward(self, x, attend=None):
+    def forward(self, x, attention_fn=None):
         """x (B, N, C) -> (output (B, N, C), the block's own (q, k, v), each (B, H, N, D)).
 
-        attend(q, k, v) -> (B, H, N, D), when given, is computed in place of SDPA(q, k, v)."""
+        attention_fn(q, k, v) -> (B, H, N, D), when given, is computed in place of SDPA(q, k, v)."""
         B, N, C = x.shape
         q, k, v = self.heads(x)
         # scale 1/sqrt(D), and never an N x N map in memory
-        out = F.scaled_dot_product_attention(q, k, v) if attend is None else attend(q, k, v)  # (B, H, N, D)
+        if attention_fn is None:
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
+        else:
+            out = attention_fn(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, N, C)), (q, k, v)
 
 
@@ -70,10 +74,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, round(dim * mlp_ratio))  # round, not int: a ratio read from fc1 gives back its width
 
-    def forward(self, x, attend=None, keep=None):
+    def forward(self, x, attention_fn=None, keep=None):
         """keep: (2, B) per-sample stochastic-depth multipliers (0 or 1/keep_prob) for the attention and MLP
         branches, or None for no drop. Returns (x, (q, k, v)) with the block's own q, k, v."""
-        a, qkv = self.attn(self.norm1(x), attend)
+        a, qkv = self.attn(self.norm1(x), attention_fn)
         if keep is not None:
             a = a * keep[0].view(-1, 1, 1).to(a.dtype)
         x = x + a
@@ -142,24 +146,24 @@ class VisionTransformer(nn.Module):
             prefix = prefix + self.pos_embed[:, :self.num_prefix_tokens]
         return torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1)
 
-    def forward_features(self, x, attend=None, collect=(), drop_masks=None, depth=None):
+    def forward_features(self, x, attention_fns=None, collect=(), drop_masks=None, depth=None):
         """Run the first `depth` blocks (all by default) on images x.
 
-        attend:     {layer: fn}: fn(q, k, v) -> (B, H, N, D) replaces SDPA(q, k, v) in that block (see Attention).
+        attention_fns: {layer: fn}: fn(q, k, v) -> (B, H, N, D) replaces SDPA(q, k, v) in that block (Attention).
         collect:    layers whose own (q, k, v) to return.
         drop_masks: (depth, 2, B) stochastic-depth multipliers to use (e.g. shared with another model); when None
                     they are sampled in training mode and not used in eval mode.
         Returns the tokens (B, prefix + N, D) after the last block run, un-normed, and {layer: (q, k, v)}.
         The caller checks layers and shapes once, when it plans a run; nothing is checked here.
         """
-        attend = attend or {}
+        attention_fns = attention_fns or {}
         if drop_masks is None and self.training and self.drop_path > 0:
             drop_masks = self.sample_drop_masks(x.shape[0], x.device)
         x = self.embed(x)
         out = {}
         for i, block in enumerate(self.blocks[:depth]):
             keep = drop_masks[i] if drop_masks is not None and i < len(drop_masks) else None
-            x, qkv = block(x, attend.get(i), keep)
+            x, qkv = block(x, attention_fns.get(i), keep)
             if i in collect:
                 out[i] = qkv
         return x, out
@@ -173,8 +177,8 @@ class VisionTransformer(nn.Module):
             return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
         return self.head(x[:, 0])
 
-    def forward(self, x, attend=None, drop_masks=None):
-        return self.forward_head(self.forward_features(x, attend=attend, drop_masks=drop_masks)[0])
+    def forward(self, x, attention_fns=None, drop_masks=None):
+        return self.forward_head(self.forward_features(x, attention_fns=attention_fns, drop_masks=drop_masks)[0])
 
 
 def init_weights(m):
@@ -236,6 +240,21 @@ TEACHERS = {
     "mae_vit_h_ft": dict(source=MAE_URL + "finetune/mae_finetuned_vit_huge.pth", num_heads=16, **IMAGENET),
     "mae_tiny_cifar10": dict(source=os.path.join(HERE, "teachers", "mae_tiny_cifar10.pth"), num_heads=3, **IMAGENET),
     "sup_nano_cifar10": dict(source=os.path.join(HERE, "teachers", "sup_nano_cifar10.pth"), num_heads=3, **IMAGENET),
+    # The other pre-training methods the paper compares, ViT-B/16 each (12 heads, ImageNet statistics in each repo's
+    # Normalize). Addresses as the official repositories give them, direct downloads all three:
+    # DINO, facebookresearch/dino README.md, table row "ViT-B/16", link "backbone only": a plain state dict, timm
+    # names, no head (their hubconf.py dino_vitb16 loads it strictly into vit_base(num_classes=0)).
+    "dino_vit_b": dict(source="https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+                       num_heads=12, **IMAGENET),
+    # MoCo v3, facebookresearch/moco-v3 CONFIG.md (README.md: "Pre-trained models ... can be found at CONFIG.md"),
+    # row "ViT-Base", "pretrain files" link: main_moco.py's {'state_dict': DDP(MoCo).state_dict(), ...}, the encoder
+    # under module.base_encoder. (read_state_dict).
+    "mocov3_vit_b": dict(source="https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar",
+                         num_heads=12, **IMAGENET),
+    # DeiT (supervised on ImageNet-1k), facebookresearch/deit README_deit.md (linked from README.md), row "DeiT-base":
+    # {'model': ...}, timm names, with its 1000-class head; not the distilled variant (no dist_token).
+    "deit_vit_b": dict(source="https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth",
+                       num_heads=12, **IMAGENET),
 }
 
 
@@ -273,7 +292,8 @@ def resolve(name_or_path):
 
 def load_file(path):
     """A checkpoint file -> its contents: .safetensors, or .pth through torch.load(weights_only=True) only (plus the
-    argparse.Namespace of training arguments that MAE, DeiT, DINO and timm save beside the weights)."""
+    argparse.Namespace of training arguments that MAE, DeiT, DINO and timm save beside the weights). A file that is
+    not one torch wrote (torch_file_problem) is refused before torch.load reads anything."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.endswith(".safetensors"):
@@ -283,14 +303,78 @@ def load_file(path):
         except Exception as e:
             raise ValueError(f"cannot read {path} as safetensors ({e}); is the file complete?") from e
     try:
+        problem = torch_file_problem(path)
+    except Exception as e:  # zipfile.BadZipFile: the archive is cut short
+        raise cannot_read(path, e) from e
+    if problem:
+        raise ValueError(f"{path} is not a checkpoint torch wrote ({problem}): pass a file torch.save wrote, such as "
+                         "an --output_dir's checkpoint.pth, or a teacher name")
+    try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path} holds Python objects that need arbitrary unpickling, which is refused for safety; "
                          "re-save only its tensors with torch.save(model.state_dict(), path)") from e
     except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it is truncated or not a "
-                         "PyTorch file: download or write it again") from e
+        raise cannot_read(path, e) from e
+
+
+def cannot_read(path, e):
+    return ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {oneline(e)}); it is truncated or not a "
+                      "PyTorch file: download or write it again")
+
+
+def oneline(e):  # an exception's first line: error messages stay one line
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # how torch.load tells its zip format from its legacy pickle (serialization._is_zipfile)
+
+
+def torch_file_problem(path):
+    """Why the file at path is not one torch.save wrote, as a phrase, or None when torch.load may read it.
+
+    torch.save writes a zip archive whose every record is STORED (uncompressed); torch.load inflates a compressed one
+    into memory of the size the archive declares, before any check of ours. So a 2 MB file whose record claims 2 GiB
+    of deflated zeros would take 2 GiB: the archive's central directory (zipfile reads nothing else) is checked first,
+    and a compressed record, or one claiming more bytes than the file holds, refused. A file of torch's legacy format
+    (a pickle, before torch 1.6) is left to torch.load; a text file (a log.jsonl, a config) is named as one, where
+    torch.load would call it a pickle that needs arbitrary unpickling. Raises zipfile.BadZipFile for an archive that
+    is cut short."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if not head:
+        return "it is empty"
+    if head.startswith(b"\x80"):  # a pickle, protocol 2 or later: torch's legacy format
+        return None
+    if not head.startswith(ZIP_MAGIC):
+        return describe_start(head)
+    size = os.path.getsize(path)
+    with zipfile.ZipFile(path) as archive:  # zipfile.BadZipFile for an archive cut short
+        records = archive.infolist()
+    for r in records:
+        if r.compress_type != zipfile.ZIP_STORED:
+            return (f"record {r.filename} is compressed to inflate to {r.file_size} bytes, and torch stores every "
+                    "record uncompressed: refusing to inflate it")
+        if r.compress_size != r.file_size or r.header_offset + r.file_size > size:
+            return f"record {r.filename} claims {r.file_size} bytes where the file has {size}: it is corrupt"
+    claimed = sum(r.file_size for r in records)
+    if claimed > size:
+        return f"its records claim {claimed} bytes where the file has {size}: it is corrupt"
+    return None
+
+
+def describe_start(head):
+    """The first bytes of a file that is neither a zip archive nor a pickle -> what it is, as a phrase."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        text = head[:e.start].decode("utf-8") if e.start > len(head) - 4 else None  # a character cut at the end
+    if text is None or "\x00" in text:
+        return f"it starts with the bytes {head[:8]!r}, neither a zip archive nor a pickle"
+    start = " ".join(text.split())[:40]
+    kind = "a JSON file" if start.startswith(("{", "[")) else "a text file"
+    return f"it is {kind}, starting {start!r}"
 
 
 RECORDS = ("arch", "args", "model_args", "pretrained_cfg")  # what checkpoints record beside their weights
@@ -298,7 +382,8 @@ RECORDS = ("arch", "args", "model_args", "pretrained_cfg")  # what checkpoints r
 
 def read_state_dict(path):
     """A checkpoint file -> (state_dict, metadata); unwraps {'model': ...} (MAE, DeiT, this repository) and
-    {'state_dict': ...} (timm's train.py), strips DDP's 'module.' prefix and refuses NaN or Inf weights."""
+    {'state_dict': ...} (timm's train.py, MoCo v3), strips DDP's 'module.' prefix, keeps only MoCo v3's base encoder
+    and refuses NaN or Inf weights."""
     ckpt = load_file(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a state dict")
@@ -308,6 +393,13 @@ def read_state_dict(path):
             ckpt = ckpt[key]
             break
     state = {k.removeprefix("module."): v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith("base_encoder.") for k in state):
+        # MoCo v3 (moco/builder.py): base_encoder.* is a timm ViT whose head.* is their projector MLP, beside a
+        # momentum_encoder.* and a predictor.*. Keep the base encoder without its head, as their main_lincls.py and
+        # convert_to_deit.py do.
+        state = {k.removeprefix("base_encoder."): v for k, v in state.items()
+                 if k.startswith("base_encoder.") and not k.startswith("base_encoder.head.")}
+        meta.pop("arch", None)  # their 'vit_small' has 12 heads (moco-v3 vits.py), not the 6 the name says elsewhere
     for key, value in state.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise ValueError(f"{path}: tensor {key} holds NaN or Inf: the file is corrupt or its training diverged; "
@@ -315,10 +407,13 @@ def read_state_dict(path):
     return state, meta
 
 
-def arch_of(state):
-    """The constructor arguments, all but num_heads, of the ViT that wrote a state dict, read from its shapes."""
+def arch_of(state, name="checkpoint"):
+    """The constructor arguments, all but num_heads, of the ViT that wrote a state dict, read from its shapes; name:
+    the file, for the errors."""
     if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
-        raise ValueError("checkpoint has no patch_embed.proj.weight / pos_embed: not a ViT with timm/MAE names")
+        held = f"its {len(state)} tensors start {', '.join(list(state)[:3])}" if state else "it holds no tensors"
+        raise ValueError(f"{name} has no patch_embed.proj.weight / pos_embed ({held}): not a ViT with timm/MAE names; "
+                         "pass a ViT checkpoint")
     dim, chans, patch, _ = state["patch_embed.proj.weight"].shape
     regs = state["reg_token"].shape[1] if "reg_token" in state else 0
     prefix = ("cls_token" in state) + ("dist_token" in state) + regs
@@ -327,7 +422,8 @@ def arch_of(state):
     no_embed_class = prefix > 0 and (rows < prefix or math.isqrt(rows - prefix) ** 2 != rows - prefix)
     grid = math.isqrt(rows if no_embed_class else rows - prefix)
     if grid * grid != (rows if no_embed_class else rows - prefix):
-        raise ValueError(f"pos_embed has {rows} rows: not a square patch grid with or without {prefix} prefix rows")
+        raise ValueError(f"{name}: pos_embed has {rows} rows, not a square patch grid with or without {prefix} prefix "
+                         "rows: pass a ViT checkpoint")
     return dict(img_size=grid * patch, patch_size=patch, in_chans=chans,
                 num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0, embed_dim=dim,
                 depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
@@ -367,7 +463,7 @@ def load_pretrained(name_or_path, num_heads=None, **overrides):
     path = resolve(name_or_path)
     state, meta = read_state_dict(path)
     table = TEACHERS.get(name_or_path, {})
-    arch = arch_of(state)
+    arch = arch_of(state, path)
     known = recorded_heads(meta, arch["embed_dim"]) or table.get("num_heads")
     if num_heads and known and num_heads != known:
         raise ValueError(f"{path} records {known} heads but --teacher_heads is {num_heads}: drop --teacher_heads")
@@ -399,7 +495,9 @@ def load_state(model, source):
     the class count differs. pos_embed is resized (bicubic) to the model's patch grid. Anything else missing, unexpected or of
     another shape is a ValueError naming the key and both shapes. Returns a dict report.
     """
-    state = read_state_dict(source)[0] if isinstance(source, (str, os.PathLike)) else dict(source)
+    from_file = isinstance(source, (str, os.PathLike))
+    state = read_state_dict(source)[0] if from_file else dict(source)
+    named = f"{os.fspath(source)}: " if from_file else ""  # errors name the file
     own = model.state_dict()
     report = dict(loaded=[], dropped=[], fresh=[], resized=[])
     for key in list(state):
@@ -417,13 +515,13 @@ def load_state(model, source):
     unexpected = sorted(set(state) - set(own))
     missing = sorted(k for k in set(own) - set(state) if not k.startswith(FRESH))
     if unexpected or missing:
-        raise ValueError(f"checkpoint does not fit the model: unexpected keys {unexpected[:5]}, missing keys "
+        raise ValueError(f"{named}checkpoint does not fit the model: unexpected keys {unexpected[:5]}, missing keys "
                          f"{missing[:5]} (of {len(unexpected)} and {len(missing)}); build the model the checkpoint "
                          "was trained as (preset, global_pool)")
     for key, value in state.items():
         if value.shape != own[key].shape:
-            raise ValueError(f"{key}: checkpoint has shape {tuple(value.shape)}, model has {tuple(own[key].shape)}; "
-                             "build the model the checkpoint was trained as")
+            raise ValueError(f"{named}{key}: checkpoint has shape {tuple(value.shape)}, model has "
+                             f"{tuple(own[key].shape)}; build the model the checkpoint was trained as")
     reported = {f.split(" ")[0] for f in report["fresh"]}
     report["fresh"] += sorted(k for k in own if k not in state and k not in reported and k.startswith(FRESH))
     model.load_state_dict(state, strict=False)

@@ -1,6 +1,6 @@
-"""bench.py on tiny configurations: each method computes what its naive twin computes, the memory accounting counts
-what it claims, the ratios and targets come from the measured numbers, the fresh-process peak and the CLI work. No
-timing assertions (speed lives in bench.py's output, not in tests). CPU, about 40 s (two fresh processes).
+"""benchmarks/bench.py on tiny configurations: each method computes what its naive twin computes, the memory
+accounting counts what it claims, the ratios and targets come from the measured numbers, the fresh-process peak and the
+CLI work. No timing assertions (speed lives in bench.py's output, not in tests). CPU, about 40 s (two fresh processes).
 
     .venv/bin/python -m pytest tests/test_bench.py -q
 """
@@ -10,8 +10,8 @@ import statistics
 import pytest
 import torch
 
-import bench
 import vit
+from benchmarks import bench
 from teacher import Teacher
 
 ARCH = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=5)  # N = 17 tokens
@@ -40,8 +40,7 @@ def models(tmp_path):
 
 def loss_and_grads(name, student, teacher, images, targets):
     method = bench.build(name, student, teacher).train()
-    with bench.swapped(name):
-        loss, logs = method(images, targets)
+    loss, logs = method(images, targets)
     grads = torch.autograd.grad(loss, list(student.parameters()))
     return loss.detach(), grads, logs
 
@@ -60,19 +59,16 @@ def test_each_method_computes_what_its_naive_twin_computes(models, ours):
     assert abs(loss_and_grads("scratch", *models, images, targets)[0] - loss) > 1e-3
 
 
-def test_the_swap_is_undone_and_reaches_the_method():
-    naive_copy = bench.VARIANTS["naive_copy"][1]
-    with bench.swapped("naive_copy compiled"):
-        assert bench.copy_attention.copy_fast is naive_copy[2]
-    assert bench.copy_attention.copy_fast is not naive_copy[2]
+def test_the_naive_twins_train_with_the_explicit_map(models):
+    assert [bench.build(name, *models).explicit_map for name in ("copy", "naive_copy", "distill", "naive_distill")] \
+        == [False, True, False, True]
 
 
 def test_only_the_naive_twins_save_an_n_by_n_map(models):
     images, targets = bench.make_inputs(ARCH, 2, "cpu")
     saved = {}
     for name in bench.METHODS:
-        with bench.swapped(name):
-            saved[name] = bench.saved_for_backward(bench.build(name, *models).train(), images, targets, "none")
+        saved[name] = bench.saved_for_backward(bench.build(name, *models).train(), images, targets, "none")
     n_by_n = {name: [s for s in r["shapes"] if s[-2:] == (N, N)] for name, r in saved.items()}
     assert [name for name in bench.METHODS if n_by_n[name]] == ["naive_copy", "naive_distill"]
     # naive copy keeps the teacher's map per layer (for attn @ v_s); naive distillation at least the teacher's
@@ -89,9 +85,8 @@ def test_saved_bytes_exclude_parameters_and_scale_with_the_batch(models):
     are views where they are copies otherwise, which changes what is saved.)"""
     for name in bench.METHODS:
         method = bench.build(name, *models).train()
-        with bench.swapped(name):
-            b2, b4 = (bench.saved_for_backward(method, *bench.make_inputs(ARCH, B, "cpu"), "none")["bytes"]
-                      for B in (2, 4))
+        b2, b4 = (bench.saved_for_backward(method, *bench.make_inputs(ARCH, B, "cpu"), "none")["bytes"]
+                  for B in (2, 4))
         assert b2 > 0 and b4 == 2 * b2, name
 
 

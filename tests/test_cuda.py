@@ -1,20 +1,23 @@
 """The GPU path's numerics on CUDA: attention copy and the distillation loss against their definitions (float32 and
 bf16 autocast, values and gradients), and one compiled distillation training step that keeps no N x N tensor for
 backward (the paper's methods, Li et al. 2024, Sec. 3.1-3.2, as run on GPUs). Every test skips without CUDA; on CPU
-test_copy.py and test_distill.py check the same functions in float64. gpu_check.sh runs this file on a GPU machine.
+test_copy.py and test_distill.py check the same functions in float64. benchmarks/gpu_check.sh runs this file on a
+GPU machine.
 
     python3 -m pytest -q tests/test_cuda.py
 """
 import pytest
 import torch
 
+import attention_kernels
 import copy_attention
 import distill_attention
 import train
 import vit
 from teacher import Teacher
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (gpu_check.sh runs it there)")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it there)")
 
 # Relative error ||ours - reference|| / ||reference|| against a float64 reference. float32: far below what bf16 or
 # TF32 rounding (2^-9, 2^-11 per element) would give, so a kernel that quietly drops to either fails. bf16: inputs and
@@ -49,7 +52,7 @@ def copy_errors(amp, N, D_t=64, D_s=64, device="cuda"):
     v_s = randn(2, 3, N, D_s, seed=2, device=device).requires_grad_()
     grad = randn(2, 3, N, D_s, seed=3, device=device)
     with autocast(amp, device):
-        out = copy_attention.copy_fast(q_t, k_t, v_s)
+        out = attention_kernels.copy_fast(q_t, k_t, v_s)
     (g,) = torch.autograd.grad(out, v_s, grad.to(out.dtype))
     v64 = v_s.detach().double().requires_grad_()
     ref = copy_attention.copy_reference(q_t.double(), k_t.double(), v64)
@@ -72,7 +75,7 @@ def distill_errors(amp, N, D_t=64, D_s=64, device="cuda"):
     q_s, k_s = (randn(4, 3, N, D_s, seed=i, device=device).to(dtype).requires_grad_() for i in (0, 1))
     q_t, k_t = (randn(4, 3, N, D_t, seed=i, device=device).to(dtype) for i in (2, 3))
     with autocast(amp, device):
-        loss = distill_attention.attention_ce(q_s, k_s, q_t, k_t)
+        loss = attention_kernels.attention_ce_fast(q_s, k_s, q_t, k_t)
     grads = torch.autograd.grad(loss, (q_s, k_s))
     ref_in = [t.detach().double().requires_grad_() for t in (q_s, k_s)]
     ref = distill_attention.attention_ce_reference(*ref_in, q_t.double(), k_t.double())

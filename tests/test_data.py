@@ -183,8 +183,13 @@ def test_subset_is_balanced_and_deterministic(tmp_path):
     assert not torch.equal(a.images, c.images)
     uneven = torch.as_tensor([0] * 10 + [1] * 2 + [2] * 10)  # a small class gives what it has, others fill in
     assert torch.bincount(uneven[data.balanced_subset(uneven, 12, 0)]).tolist() == [5, 2, 5]
-    with pytest.raises(ValueError, match="larger than the dataset"):
+    with pytest.raises(ValueError, match=r"--subset 19 is larger than the dataset \(18 images\): lower --subset$"):
         data.build_dataset("folder", root, "train", 8, subset=19)
+    with pytest.raises(ValueError, match=r"--val_subset 19 is larger than the dataset \(18 images\): lower "
+                                         r"--val_subset$"):
+        data.build_dataset("folder", root, "val", 8, subset=19)  # evaluate.py has --val_subset only
+    with pytest.raises(ValueError, match=r"--val_subset 129 is larger than the dataset \(128 images\)"):
+        data.build_dataset("fake", None, "val", 8, subset=129)
 
 
 def test_folder_errors_name_the_problem(tmp_path):
@@ -244,7 +249,7 @@ def test_cifar10_folder_subset(cifar10_root):
     assert data.class_names("cifar10", cifar10_root) == data.CIFAR10_CLASSES  # the folders are torchvision's names
 
 
-# ------------------------------------------------------------------------------------------------ issue 14: bad data
+# ------------------------------------------------------------------------------------------------ bad data
 def test_val_classes_must_be_train_classes(tmp_path):
     root = make_tree(tmp_path / "missing", per_class=1, splits=("train",))
     make_tree(root, classes=("cat", "dog"), per_class=1, splits=("test",))
@@ -297,9 +302,9 @@ def test_corrupt_evaluation_image_is_found_when_the_set_is_built(tmp_path):
 
 @pytest.mark.parametrize("subset", [0, -3])
 def test_subset_must_be_positive(tmp_path, subset):
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match=f"--val_subset {subset}: a subset must be at least 1"):
         data.build_dataset("fake", None, "val", 8, subset=subset)
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match=f"--subset {subset}: a subset must be at least 1"):
         data.build_dataset("folder", make_tree(tmp_path, per_class=1), "train", 8, subset=subset)
 
 
@@ -362,7 +367,7 @@ def test_pack_round_trip(tmp_path, capsys):
     data.main(["pack", root, dst])
     assert "train 10 images, test 9 images" in capsys.readouterr().out
     packed = torch.load(dst, weights_only=True)
-    assert packed["classes"] == ["cat", "dog", "emu"] and set(packed) == {"classes", "train", "test"}
+    assert packed["classes"] == ["cat", "dog", "emu"] and set(packed) == {"written_by", "classes", "train", "test"}
     files, labels, _ = data.scan(os.path.join(root, "train"))
     i = files.index(str(tmp_path / "src" / "train" / "dog" / "photo.jpg"))
     a, b = packed["train"]["offsets"][i:i + 2].tolist()
@@ -386,3 +391,111 @@ def test_pack_round_trip(tmp_path, capsys):
     torch.save({"model": {}}, tmp_path / "checkpoint.pth")
     with pytest.raises(ValueError, match="not a packed dataset .*python data.py pack"):
         data.build_dataset("cifar10", str(tmp_path / "checkpoint.pth"), "train", 8)
+
+
+def test_pack_replaces_its_own_earlier_output_and_names_a_bad_image(tmp_path, capsys):
+    """pack replaces its own earlier output (marked, or with pack's layout from before the mark; anything else it
+    refuses: test_reliability.py runs that command); an unreadable image is named at pack time, and nothing is written."""
+    root = make_tree(tmp_path / "src", per_class=2)
+    dst = str(tmp_path / "c.pack.pth")
+    data.pack(root, dst)
+    old = torch.load(dst, weights_only=True)
+    del old["written_by"]  # as pack wrote it before it marked its files
+    torch.save(old, dst)
+    data.pack(root, dst)
+    assert torch.load(dst, weights_only=True)["written_by"] == data.PACKED
+    write_image(os.path.join(root, "test", "dog", "bad.png"), 0)
+    with open(os.path.join(root, "test", "dog", "bad.png"), "wb") as f:
+        f.write(b"not a png")
+    with pytest.raises(ValueError, match=r"cannot read image .*test/dog/bad.png \(not an image PIL can identify\): "
+                                         "delete or replace the file"):
+        data.pack(root, str(tmp_path / "new.pth"))
+    assert not os.path.exists(tmp_path / "new.pth") and sorted(os.listdir(tmp_path)) == ["c.pack.pth", "src"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        data.main([])
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: the following arguments are required: command, src, dst (see --help)"]
+
+
+def test_packed_files_are_checked_before_they_are_inflated(tmp_path):
+    """Every part of a packed file is checked; its images inflate to at most the size its offsets say, and that size
+    must be plausible for encoded images; a damaged image is named by its place in the file; a checkpoint given as
+    --data_path is called what it is, and no command that would overwrite it is suggested."""
+    root = make_tree(tmp_path / "src", per_class=2)
+    dst = str(tmp_path / "p.pth")
+    data.pack(root, dst)
+    good = torch.load(dst, weights_only=True)
+
+    def packed_with(split, **parts):  # good, with some tensors of one split replaced
+        changed = {**good, split: {**good[split], **parts}}
+        torch.save(changed, tmp_path / "changed.pth")
+        return str(tmp_path / "changed.pth")
+
+    zeros = zlib.compress(bytes(2**24))  # 16 MiB of zeros in 16 KiB: far beyond what images inflate by
+    bomb = packed_with("train", zlib=torch.frombuffer(bytearray(zeros), dtype=torch.uint8),
+                       offsets=torch.tensor([0] + [2**24 // 6] * 5 + [2**24 - 5 * (2**24 // 6)]).cumsum(0))
+    with pytest.raises(ValueError, match=r"not a packed dataset \(its train split claims 16777216 bytes of images in "
+                                         r"\d+ compressed bytes, more than 100x\)"):
+        data.build_dataset("folder", bomb, "train", 8)
+    with pytest.raises(ValueError, match="do not index its 6 images"):
+        data.build_dataset("folder", packed_with("test", offsets=good["test"]["offsets"].flip(0)), "val", 8)
+    with pytest.raises(ValueError, match=r"labels outside 0\.\.2"):
+        data.build_dataset("folder", packed_with("train", labels=good["train"]["labels"] + 1), "train", 8)
+    short = packed_with("train", offsets=good["train"]["offsets"] - torch.arange(7))
+    with pytest.raises(ValueError, match="do not inflate to the .* bytes its offsets say"):
+        data.build_dataset("folder", short, "train", 8)
+    images = bytearray(zlib.decompress(good["train"]["zlib"].numpy().tobytes()))
+    a, b = good["train"]["offsets"][3:5].tolist()
+    images[a:b] = bytes(b - a)  # image 3 overwritten
+    damaged = packed_with("train", zlib=torch.frombuffer(bytearray(zlib.compress(bytes(images))), dtype=torch.uint8))
+    with pytest.raises(ValueError) as e:
+        data.build_dataset("folder", damaged, "train", 8)
+    assert str(e.value) == (f"cannot read image {damaged}:train/3 (not an image PIL can identify): the packed file "
+                            "is damaged: pack it again from its folder")
+    checkpoint = str(tmp_path / "checkpoint.pth")
+    torch.save({"model": {"w": torch.zeros(2)}, "epoch": 1}, checkpoint)
+    with pytest.raises(ValueError) as e:
+        data.build_dataset("folder", checkpoint, "train", 8)
+    assert str(e.value).startswith(f"{checkpoint} is not a packed dataset (it holds ['epoch', 'model'], not the "
+                                   "class names and images pack writes): --data_path takes a folder")
+    assert f"pack SRC {checkpoint}" not in str(e.value)
+    assert data.class_names("folder", dst) == ["cat", "dog", "emu"]  # from the file's record, nothing inflated
+
+
+def test_a_single_class_and_a_bad_val_folder_are_refused_before_decoding(tmp_path, monkeypatch):
+    """One class trains to loss 0 and 100% accuracy: refused, naming the folder, by every path that reads classes.
+    The val/ (or test/) layout is checked when the training split is built, before its images are decoded."""
+    one = make_tree(tmp_path / "one", classes=("cat",), per_class=2)
+    for split, folder in (("train", "train"), ("val", "test")):
+        with pytest.raises(ValueError, match=f"{one}/{folder} has a single class folder \\(cat\\): a classifier "
+                                             "needs two classes or more"):
+            data.build_dataset("folder", one, split, 8)
+    with pytest.raises(ValueError, match="has a single class folder"):
+        data.pack(one, str(tmp_path / "one.pth"))
+    decoded = []
+    monkeypatch.setattr(data, "decode", lambda source, img_size=None: decoded.append(source))
+    root = make_tree(tmp_path / "renamed", per_class=1, splits=("train",))
+    make_tree(root, classes=("cat", "dgo", "emu"), per_class=1, splits=("val",))
+    with pytest.raises(ValueError, match=r"val does not have train/'s classes \(missing 1: \['dog'\]"):
+        data.build_dataset("folder", root, "train", 8)
+    with pytest.raises(FileNotFoundError, match="neither val/ nor test/"):
+        data.build_dataset("folder", make_tree(tmp_path / "no_val", splits=("train",)), "train", 8)
+    assert decoded == [] and not os.path.exists(tmp_path / "one.pth")
+
+
+def test_images_of_two_sizes_stop_at_the_first_that_differs(tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "src", per_class=2)
+    write_image(os.path.join(root, "train", "dog", "big.png"), 0, size=12)  # train/4 of 7
+    data.pack(root, str(tmp_path / "p.pth"))
+    decoded, decode = [], data.decode
+
+    def counted(source, img_size=None):
+        decoded.append(source)
+        return decode(source, img_size)
+
+    monkeypatch.setattr(data, "decode", counted)
+    with pytest.raises(ValueError, match=r"differ in size \(.*p.pth:train/4: \(3, 12, 12\), .*p.pth:train/0: "
+                                         r"\(3, 8, 8\)\): pack images of one size"):
+        data.build_dataset("folder", str(tmp_path / "p.pth"), "train", 72)
+    assert len(decoded) == 5  # the two after it are never decoded

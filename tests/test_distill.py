@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import distill_attention
-import teacher as teachers
+import attention_kernels
+import teacher
 import vit
 from teacher import Teacher
 
@@ -18,10 +19,10 @@ def qk(B, H, N, D, seed, requires_grad=False):
 @pytest.mark.parametrize("N,heads_per_block", [(17, 1), (16, 4), (65, 2), (9, None)])
 def test_blocked_loss_and_gradients_equal_naive_float64(N, heads_per_block, monkeypatch):
     if heads_per_block:  # several blocks of heads, the last one partial
-        monkeypatch.setattr(teachers, "BLOCK", {"cpu": heads_per_block * N * N})
+        monkeypatch.setattr(attention_kernels, "BLOCK", {"cpu": heads_per_block * N * N})
     q_s, k_s = qk(2, 3, N, 8, 0, requires_grad=True)
     q_t, k_t = qk(2, 3, N, 8, 1)
-    ours = distill_attention.attention_ce(q_s, k_s, q_t, k_t)
+    ours = attention_kernels.attention_ce_fast(q_s, k_s, q_t, k_t)
     ref = naive_ce(q_s, k_s, q_t, k_t)
     assert torch.allclose(ours.double(), ref, atol=1e-6, rtol=0)
     g_ours = torch.autograd.grad(ours, (q_s, k_s))
@@ -33,7 +34,7 @@ def test_blocked_loss_and_gradients_equal_naive_float64(N, heads_per_block, monk
 def test_head_subset_and_different_head_dims():
     q_s, k_s = qk(2, 4, 11, 8, 0, requires_grad=True)
     q_t, k_t = qk(2, 4, 11, 16, 1)  # a wider teacher: maps exchange, head dims need not match
-    ours = distill_attention.attention_ce(q_s[:, :2], k_s[:, :2], q_t[:, :2], k_t[:, :2])
+    ours = attention_kernels.attention_ce_fast(q_s[:, :2], k_s[:, :2], q_t[:, :2], k_t[:, :2])
     ref = naive_ce(q_s[:, :2], k_s[:, :2], q_t[:, :2], k_t[:, :2])
     assert torch.allclose(ours.double(), ref, atol=1e-6)
     (g,) = torch.autograd.grad(ours, (q_s,))
@@ -43,20 +44,20 @@ def test_head_subset_and_different_head_dims():
 def test_loss_is_minimal_when_student_equals_teacher():
     q, k = qk(2, 3, 13, 8, 0)
     q_s, k_s = q.clone().requires_grad_(), k.clone().requires_grad_()
-    loss = distill_attention.attention_ce(q_s, k_s, q, k)
+    loss = attention_kernels.attention_ce_fast(q_s, k_s, q, k)
     g_q, g_k = torch.autograd.grad(loss, (q_s, k_s))
     assert g_q.abs().max() < 1e-12 and g_k.abs().max() < 1e-12
     entropy = naive_ce(q, k, q, k)  # CE(p, p) = H(p): the minimum
     assert torch.allclose(loss.double(), entropy)
     q2, k2 = qk(2, 3, 13, 8, 5)
-    assert distill_attention.attention_ce(q2, k2, q, k) > loss
+    assert attention_kernels.attention_ce_fast(q2, k2, q, k) > loss
 
 
 def test_loss_is_float32_under_bf16_autocast():
     q_s, k_s = [t.float().bfloat16().requires_grad_() for t in qk(1, 2, 9, 8, 0)]
     q_t, k_t = [t.float().bfloat16() for t in qk(1, 2, 9, 8, 1)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = distill_attention.attention_ce(q_s, k_s, q_t, k_t)
+        loss = attention_kernels.attention_ce_fast(q_s, k_s, q_t, k_t)
     assert loss.dtype == torch.float32
     loss.backward()
     assert q_s.grad.dtype == torch.bfloat16
@@ -78,7 +79,7 @@ def distill_step_saved_tensors(tmp_path, img, mode="distill", layers=":", heads=
     with torch.no_grad():
         for block in student.blocks:
             block.attn.qkv.weight *= 10
-    teacher = Teacher(str(path), student, layers, heads, distill_attention.EXCHANGE[mode])
+    teacher = Teacher(str(path), student, layers, heads, distill_attention.FROM_TEACHER[mode])
     method = distill_attention.DistillAttention(student, teacher, mode, atd_weight=weight).train()
     params = {p.data_ptr() for p in method.parameters()}
     saved = []
@@ -123,3 +124,36 @@ def test_teacher_runs_only_the_blocks_needed(tmp_path):
     method(torch.randn(2, 3, 16, 16), torch.full((2, 5), 0.2))
     assert torch.equal(method.predict(method.model.eval(), torch.ones(1, 3, 16, 16)),
                        method.model(torch.ones(1, 3, 16, 16)))  # no teacher at inference
+
+
+@pytest.mark.parametrize("mode", ["distill", "distill_q"])
+def test_explicit_map_trains_with_the_same_numbers(tmp_path, mode):
+    """--explicit_map: attention_ce_reference itself, both maps materialised, the same loss and gradients as the
+    map-free kernel (float32 in both, as training computes it)."""
+    results = []
+    for explicit in (False, True):
+        _, _, _, method = distill_step_saved_tensors(tmp_path, 16, mode=mode, heads=2)
+        method.explicit_map = explicit
+        method.zero_grad()
+        torch.manual_seed(1)
+        loss, logs = method(torch.randn(2, 3, 16, 16), torch.full((2, 5), 0.2))
+        loss.backward()
+        results.append((logs["atd"].detach(), [p.grad.clone() for p in method.model.parameters()]))
+    (fast, fast_grads), (slow, slow_grads) = results
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_explicit_map_flag_reaches_the_method(tmp_path, monkeypatch):
+    _, _, _, method = distill_step_saved_tensors(tmp_path, 16)
+    calls = []
+    reference = distill_attention.attention_ce_reference
+    monkeypatch.setattr(distill_attention, "attention_ce_reference", lambda *a: calls.append(1) or reference(*a))
+    fake = ["--dataset", "fake", "--model", "vit_micro_cifar", "--input_size", "16", "--batch_size", "8",
+            "--num_workers", "0", "--epochs", "1", "--epoch_steps", "1", "--warmup_epochs", "0", "--val_subset", "8"]
+    teacher = ["--teacher", str(tmp_path / "teacher.pth"), "--layers", "0"]
+    distill_attention.main(fake + teacher + ["--output_dir", str(tmp_path / "a")])
+    assert not calls
+    distill_attention.main(fake + teacher + ["--explicit_map", "--output_dir", str(tmp_path / "b")])
+    assert calls

@@ -15,7 +15,7 @@ import torch
 
 import copy_attention
 import evaluate
-import teacher as teachers
+import teacher
 import train
 import vit
 
@@ -58,12 +58,12 @@ def test_accuracy_equals_hand_computation(tmp_path):
     hand_loss = math.log(sum(math.exp(b) for b in bias)) - sum(bias) / 10  # mean over labels of logsumexp - b[y]
     assert math.isclose(val["models"][0]["loss"], hand_loss, rel_tol=1e-6)
     assert json.loads((tmp_path / "r.json").read_text())["accuracy"]["val"] == val
-    # a real model: the same numbers as train.evaluate's loop on the same images
+    # a real model: the same numbers as train.validate's loop on the same images
     model = tiny(3)
     got = run(save(tmp_path / "m.pth", model), *FAKE)["accuracy"]["val"]["models"][0]
     args = argparse.Namespace(device="cpu", amp="none")
     ds, _ = evaluate.data.build_dataset("fake", "", "val", 16, subset=20)
-    ref = train.evaluate(train.Baseline(model), model, torch.utils.data.DataLoader(ds, 8), args, 1)
+    ref = train.validate(train.Method(model), model, torch.utils.data.DataLoader(ds, 8), args, 1)
     assert all(math.isclose(got[k], ref[k], rel_tol=1e-5) for k in ("acc1", "acc5", "loss"))
 
 
@@ -101,7 +101,7 @@ def test_ensemble_of_a_model_with_itself_is_the_model(tmp_path):
 
 
 def model(name, net):
-    return evaluate.Model(name, net.eval(), train.Baseline(net), {})
+    return evaluate.Model(name, net.eval(), train.Method(net), {})
 
 
 def peaked(net):
@@ -210,11 +210,11 @@ def test_picture_grid_size_and_copy_maps_equal_teachers(tmp_path, copy_ckpt):
 @pytest.fixture
 def copy_ckpt(tmp_path):
     """A teacher file ({'model', 'arch'}) and a copy checkpoint of layer 0 that records it."""
-    teacher = peaked(tiny(7, global_pool=False))
+    net = peaked(tiny(7, global_pool=False))
     tpath = str(tmp_path / "teacher.pth")
-    torch.save({"model": teacher.state_dict(), "arch": teacher.arch}, tpath)
+    torch.save({"model": net.state_dict(), "arch": net.arch}, tpath)
     student = peaked(tiny(8))
-    method = copy_attention.CopyAttention(student, teachers.Teacher(tpath, student, "0"), "copy").describe()
+    method = copy_attention.CopyAttention(student, teacher.Teacher(tpath, student, "0"), "copy").describe()
     return save(tmp_path / "copy.pth", student, method=method), tpath
 
 
@@ -223,7 +223,7 @@ def test_with_teacher_from_a_distillation_checkpoint(tmp_path, copy_ckpt):
     import distill_attention
     _, tpath = copy_ckpt
     student = peaked(tiny(8))
-    method = distill_attention.DistillAttention(student, teachers.Teacher(tpath, student, ":"), "distill").describe()
+    method = distill_attention.DistillAttention(student, teacher.Teacher(tpath, student, ":"), "distill").describe()
     ckpt = save(tmp_path / "d.pth", student, method=method)
     flags = [*FAKE, "--no_val", "--jsd", "--analysis_images", "2"]
     jsd = run(ckpt, *flags, "--with_teacher")["jsd"]
@@ -232,25 +232,25 @@ def test_with_teacher_from_a_distillation_checkpoint(tmp_path, copy_ckpt):
 
 
 def test_copy_checkpoint_runs_with_its_teacher_and_fails_clearly_without(tmp_path, copy_ckpt):
-    ckpt, teacher = copy_ckpt
+    ckpt, tpath = copy_ckpt
     got = run(ckpt, *FAKE)
-    assert got["models"][0]["method"] == "copy" and got["models"][0]["teacher"] == teacher
+    assert got["models"][0]["method"] == "copy" and got["models"][0]["teacher"] == tpath
     ds, _ = evaluate.data.build_dataset("fake", "", "val", 16, subset=20)
     images, labels = torch.stack([ds[i][0] for i in range(20)]), torch.tensor([ds[i][1] for i in range(20)])
     student = peaked(tiny(8))
-    method = copy_attention.CopyAttention(student, teachers.Teacher(teacher, student, "0"), "copy").eval()
+    method = copy_attention.CopyAttention(student, teacher.Teacher(tpath, student, "0"), "copy").eval()
     with torch.no_grad():
         logits, alone = method.predict(student.eval(), images), student(images)
     loss = torch.nn.functional.cross_entropy(logits, labels).item()
     assert math.isclose(got["accuracy"]["val"]["models"][0]["loss"], loss, rel_tol=1e-5)
     assert (logits - alone).abs().max() > 1e-2  # the teacher mattered
     moved = str(tmp_path / "elsewhere.pth")
-    shutil.move(teacher, moved)
+    shutil.move(tpath, moved)
     r = subprocess.run([sys.executable, "evaluate.py", ckpt] + FAKE, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
-    assert f"needs its teacher {teacher}" in r.stderr and "--teacher PATH" in r.stderr, r.stderr
+    assert f"needs its teacher {tpath}" in r.stderr and "--teacher PATH" in r.stderr, r.stderr
     assert run(ckpt, *FAKE, "--teacher", moved)["accuracy"] == got["accuracy"]
-    torch.save({"model": tiny(9, global_pool=False).state_dict(), "arch": tiny(9, global_pool=False).arch}, teacher)
+    torch.save({"model": tiny(9, global_pool=False).state_dict(), "arch": tiny(9, global_pool=False).arch}, tpath)
     with pytest.raises(ValueError, match="not the one .* was trained with .*sha256"):
         run(ckpt, *FAKE)
 
@@ -446,3 +446,173 @@ def test_gap_shares_reads_evaluate_outputs_named_by_teacher_epochs(tmp_path):
         return
     evaluate.main([*files, "--curves", str(tmp_path / "gap.png")])
     assert evaluate.written_here(tmp_path / "gap.png")
+
+
+# ------------------------------------------------------------------------------------------------ --specificity
+def specificity_reference(net, images):
+    """The measure in one pass, every map in memory, float64: -> (specificity, entropy) per layer of net on images
+    (B, 3, S, S) as the net should see them."""
+    with torch.no_grad():
+        _, qkv = net.eval().forward_features(images, collect=range(net.depth))
+    spec, entropy = [], []
+    for l in range(net.depth):
+        q, k, _ = (t.double() for t in qkv[l])
+        p = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)  # (B, H, N, N)
+        mean = p.mean(0, keepdim=True)  # (1, H, N, N): the mean map over the images
+        m = (p + mean) / 2
+        kl_p, kl_mean = torch.xlogy(p, p / m).sum(-1), torch.xlogy(mean, mean / m).sum(-1)  # (B, H, N)
+        spec.append(((kl_p + kl_mean) / 2).mean().item())
+        entropy.append(-torch.xlogy(p, p).sum(-1).mean().item())
+    return spec, entropy
+
+
+def blind(net):
+    """net with no patch-embedding weights: every image gives the same tokens (CLS and position embeddings, plus the
+    patch bias), so the same maps in every layer."""
+    with torch.no_grad():
+        net.patch_embed.proj.weight.zero_()
+    return net
+
+
+def batches(images, size):
+    """A re-iterable loader of (images, labels), as the CLI passes evaluate.specificity."""
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(len(images))), size)
+
+
+def test_specificity_is_zero_for_attention_that_ignores_the_image_and_large_when_it_follows_it():
+    torch.manual_seed(0)
+    images = torch.randn(7, 3, 16, 16)
+    seeing = peaked(tiny(5))
+    ignoring = blind(peaked(tiny(5)))
+    spec, entropy = evaluate.specificity(model("blind", ignoring), batches(images, 3))  # batches of 3, 3 and 1
+    assert len(spec) == len(entropy) == ARCH["depth"]
+    assert all(abs(s) < 1e-6 for s in spec), spec
+    # the zero is not that of uniform maps: the rows are far from uniform (ln 17 = 2.83 nats)
+    assert all(e < math.log(17) - 0.3 for e in entropy), entropy
+    assert entropy == pytest.approx(specificity_reference(ignoring, images)[1], abs=1e-5)
+    spec, entropy = evaluate.specificity(model("seeing", seeing), batches(images, 3))
+    assert all(s > 0.05 for s in spec), spec
+    # two passes over batches = the definition with every map in memory, in float64
+    ref_spec, ref_entropy = specificity_reference(seeing, images)
+    assert spec == pytest.approx(ref_spec, rel=1e-5) and entropy == pytest.approx(ref_entropy, rel=1e-5)
+    # the batch size changes nothing
+    assert evaluate.specificity(model("seeing", seeing), batches(images, 7))[0] == pytest.approx(spec, rel=1e-6)
+
+
+def test_specificity_cli_writes_its_json_and_never_a_foreign_file(tmp_path):
+    net = peaked(tiny(6))
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]  # recorded in the file, as pretrain_mae.py exports do
+    path = tmp_path / "teacher.pth"
+    torch.save({"model": net.state_dict(), "arch": net.arch, "mean": mean, "std": std}, path)
+    flags = ["--dataset", "fake", "--val_subset", "20", "--num_workers", "0", "--batch_size", "8", "--no_progress"]
+    got = run("--specificity", path, *flags, "--output", tmp_path / "s.json")
+    assert json.loads((tmp_path / "s.json").read_text()) == json.loads(json.dumps(got))
+    assert got["written_by"] == "evaluate.py" and got["teacher"] == str(path) and got["images"] == 20
+    assert (got["heads"], got["tokens"], got["mean"], got["std"]) == (4, 17, mean, std)
+    assert got["teacher_sha256"] == teacher.sha256(path)
+    # the same 20 class-balanced fake images, re-normalised from data.MEAN / STD to the teacher's statistics
+    ds, _ = evaluate.data.build_dataset("fake", "", "val", 16, subset=20)
+    images = torch.stack([ds[i][0] for i in range(20)])
+    pixels = images * torch.tensor(evaluate.data.STD).view(3, 1, 1) + torch.tensor(evaluate.data.MEAN).view(3, 1, 1)
+    own = (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    ref_spec, ref_entropy = specificity_reference(net, own)
+    assert got["specificity"] == pytest.approx(ref_spec, rel=1e-5)
+    assert got["entropy"] == pytest.approx(ref_entropy, rel=1e-5)
+    # --teacher_mean / --teacher_std win over the record
+    stats = ["--teacher_mean", *evaluate.data.MEAN, "--teacher_std", *evaluate.data.STD]
+    plain = run("--specificity", path, *flags, *stats)
+    assert plain["specificity"] == pytest.approx(specificity_reference(net, images)[0], rel=1e-5)
+    assert plain["specificity"] != pytest.approx(got["specificity"], rel=1e-3)
+    # --output replaces only this script's outputs
+    before = path.read_bytes()
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    for foreign in (path, tmp_path / "notes.json"):
+        with pytest.raises(ValueError, match="not an output of evaluate.py"):
+            run("--specificity", path, *flags, "--output", foreign)
+    assert path.read_bytes() == before and (tmp_path / "notes.json").read_text() == '{"mine": 1}'
+    # a plain state dict says no heads: --teacher_heads, as for the method scripts
+    torch.save(net.state_dict(), tmp_path / "plain.pth")
+    with pytest.raises(ValueError, match="--teacher_heads"):
+        run("--specificity", tmp_path / "plain.pth", *flags)
+    assert run("--specificity", tmp_path / "plain.pth", *flags, "--teacher_heads", "4", *stats)["specificity"] == \
+        pytest.approx(plain["specificity"], rel=1e-6)
+    # the teacher is analysed alone; its statistics flags mean nothing without it
+    with pytest.raises(ValueError, match="analyses its teacher alone"):
+        run(path, "--specificity", path, *flags)
+    with pytest.raises(ValueError, match="--specificity TEACHER"):
+        run(path, *flags, *stats)
+    with pytest.raises(ValueError, match="--specificity TEACHER"):
+        run(*flags)
+
+
+# Measured independently (512 CIFAR-10 test images, the same definition) before this measure existed here.
+SHIPPED_SPECIFICITY = {"mae_tiny_cifar10": [0.019, 0.057, 0.032, 0.020, 0.020, 0.022],
+                       "sup_nano_cifar10": [0.149, 0.197, 0.220, 0.232, 0.237, 0.245]}
+
+
+@pytest.mark.parametrize("teacher", list(SHIPPED_SPECIFICITY))
+def test_specificity_of_the_shipped_teachers_through_the_cli(tmp_path, cifar10_root, teacher):
+    """CIFAR-10 found without --data_path; a line per layer on stderr, the JSON in --output; the numbers of the
+    README's table within 0.02 of an outside measurement."""
+    argv = ["--specificity", teacher, "--num_workers", "0", "--no_progress", "--output", tmp_path / "s.json"]
+    r = subprocess.run([sys.executable, "evaluate.py", *map(str, argv)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "", r.stderr
+    assert sum(line.startswith("layer ") for line in r.stderr.splitlines()) == 6
+    got = json.loads((tmp_path / "s.json").read_text())
+    assert (got["dataset"], got["images"], got["heads"], got["tokens"]) == ("cifar10", 512, 3, 65)
+    assert all(abs(a - b) < 0.02 for a, b in zip(got["specificity"], SHIPPED_SPECIFICITY[teacher])), got
+    assert len(got["specificity"]) == 6
+
+
+def test_a_file_without_a_training_config_is_told_what_to_pass(tmp_path):
+    """A plain ViT file (a teacher name, timm's weights) records no dataset: the error says to pass --dataset and
+    --data_path, not 'no folder train'; a pre-trained encoder, that it has no classifier to evaluate. --val_subset is
+    named as evaluate.py spells it, and argparse's errors are one line, as the other scripts'."""
+    model = tiny(5)
+    torch.save({"model": model.state_dict(), "arch": model.arch}, tmp_path / "plain.pth")
+    with pytest.raises(ValueError, match=r"plain.pth records no dataset \(a training run's checkpoint.pth does\): "
+                                         "pass --dataset and --data_path"):
+        run(tmp_path / "plain.pth", "--num_workers", "0", "--no_progress")
+    assert run(tmp_path / "plain.pth", *FAKE)["accuracy"]["val"]["images"] == 20  # what the message asks for
+    encoder = tiny(6, num_classes=0)
+    torch.save({"model": encoder.state_dict(), "arch": encoder.arch}, tmp_path / "encoder.pth")
+    with pytest.raises(ValueError, match=r"encoder.pth has no trained classifier \(untrained: no head\): it is a "
+                                         r"pre-trained encoder, with no accuracy to measure; fine-tune it"):
+        run(tmp_path / "encoder.pth", "--num_workers", "0", "--no_progress")
+    ckpt = save(tmp_path / "m.pth", model)
+    with pytest.raises(ValueError, match=r"^--val_subset 129 is larger than the dataset \(128 images\): lower "
+                                         r"--val_subset$"):
+        run(ckpt, *FAKE, "--val_subset", "129")
+    with pytest.raises(ValueError, match=r"^unrecognized arguments: --subset 8 \(see --help\)$"):
+        run(ckpt, *FAKE, "--subset", "8")
+
+
+def test_copy_checkpoint_of_average_images_runs_with_its_saved_map_and_no_teacher_pass(tmp_path, copy_ckpt,
+                                                                                       monkeypatch):
+    """--average images: the checkpoint's mean map routes the student's values; the teacher (still checked by its
+    sha256) does not run. A checkpoint that lost its map is refused in one line."""
+    _, tpath = copy_ckpt
+    student = peaked(tiny(8))
+    mean_map = torch.softmax(torch.randn(1, 4, 17, 17, generator=torch.Generator().manual_seed(3)), -1)
+    method = copy_attention.CopyAttention(student, teacher.Teacher(tpath, student, "0"), "copy", average="images",
+                                          mean_map=mean_map).eval()
+    path = save(tmp_path / "avg.pth", student, method=method.describe())
+    ckpt = torch.load(path, weights_only=True)
+    torch.save(dict(ckpt, method_tensors=method.tensors()), path)
+    ds, _ = evaluate.data.build_dataset("fake", "", "val", 16, subset=20)
+    images, labels = torch.stack([ds[i][0] for i in range(20)]), torch.tensor([ds[i][1] for i in range(20)])
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(method.predict(student.eval(), images), labels).item()
+
+    def fails(*a, **k):
+        raise AssertionError("the teacher ran")
+
+    monkeypatch.setattr(teacher.Teacher, "forward", fails)
+    got = run(path, *FAKE)
+    assert got["models"][0]["average"] == "images"
+    assert math.isclose(got["accuracy"]["val"]["models"][0]["loss"], loss, rel_tol=1e-5)
+    with pytest.raises(ValueError, match=r"avg.pth copies averaged maps \(--average\): --jsd and --pictures"):
+        run(path, *FAKE, "--no_val", "--jsd")
+    torch.save(ckpt, path)  # without method_tensors
+    with pytest.raises(ValueError, match=r"avg.pth was trained with --average images but holds no mean map"):
+        run(path, *FAKE)

@@ -9,7 +9,8 @@ import torch
 
 import copy_attention
 import distill_attention
-import teacher as teachers
+import attention_kernels
+import teacher
 from copy_attention import copy_reference
 from distill_attention import attention_ce_reference
 
@@ -23,9 +24,9 @@ def device(request, monkeypatch):
     of 2 heads, so that several blocks run."""
     if request.param == "cuda":
         return "cuda"
-    monkeypatch.setattr(teachers, "BLOCK", {"cpu": 2 * N * N})
+    monkeypatch.setattr(attention_kernels, "BLOCK", {"cpu": 2 * N * N})
     if request.param == "cpu, portable path":
-        monkeypatch.setattr(copy_attention, "SDPA_FORWARD", ("cuda", "cpu"))
+        monkeypatch.setattr(attention_kernels, "SDPA_FORWARD", ("cuda", "cpu"))
     return "cpu"
 
 
@@ -62,24 +63,24 @@ def test_copy_equals_the_definition(device, d_t, d_s):
     dtype, tol = exact(device)
     q_t, k_t, v, _, _ = tensors(d_t, d_s, device, dtype)
     w = torch.randn(B, H, N, d_s, dtype=dtype, device=device)  # a gradient that is not all ones
-    assert_close(copy_and_grad(copy_attention.copy_fast, q_t, k_t, v, w), copy_and_grad(copy_reference, q_t, k_t, v, w), tol)
+    assert_close(copy_and_grad(attention_kernels.copy_fast, q_t, k_t, v, w), copy_and_grad(copy_reference, q_t, k_t, v, w), tol)
     if device == "cpu":  # and against finite differences, not only against autograd of the reference
         small = v[:1, :1].detach().requires_grad_()
-        assert torch.autograd.gradcheck(lambda v: copy_attention.copy_fast(q_t[:1, :1], k_t[:1, :1], v), small, fast_mode=True)
+        assert torch.autograd.gradcheck(lambda v: attention_kernels.copy_fast(q_t[:1, :1], k_t[:1, :1], v), small, fast_mode=True)
 
 
 @pytest.mark.parametrize("d_t,d_s", [(8, 8), (8, 4), (4, 8)])
 def test_attention_ce_equals_the_definition(device, d_t, d_s):
     dtype, tol = exact(device)
     q_t, k_t, q_s, k_s, _ = tensors(d_t, d_s, device, dtype)
-    got = ce_and_grads(distill_attention.attention_ce, q_t, k_t, q_s, k_s)
+    got = ce_and_grads(attention_kernels.attention_ce_fast, q_t, k_t, q_s, k_s)
     assert_close(got, ce_and_grads(attention_ce_reference, q_t, k_t, q_s, k_s), tol)
     assert got[0] > 1.0  # peaked maps that disagree: a loss well above zero, so the comparison means something
     with torch.no_grad():  # without gradients the op skips computing them and returns the same loss
-        assert_close([distill_attention.attention_ce(q_s, k_s, q_t, k_t)], got[:1], tol)
+        assert_close([attention_kernels.attention_ce_fast(q_s, k_s, q_t, k_t)], got[:1], tol)
     if device == "cpu":
         small = [t[:1, :1].detach().requires_grad_() for t in (q_s, k_s)]
-        assert torch.autograd.gradcheck(lambda q, k: distill_attention.attention_ce(q, k, q_t[:1, :1], k_t[:1, :1]), small,
+        assert torch.autograd.gradcheck(lambda q, k: attention_kernels.attention_ce_fast(q, k, q_t[:1, :1], k_t[:1, :1]), small,
                                         fast_mode=True)
 
 
@@ -101,7 +102,7 @@ def n_by_n(shapes):
 
 def test_nothing_n_by_n_is_saved_eager():
     q_t, k_t, q_s, k_s, v = tensors()
-    for fn, args in ((copy_attention.copy_fast, (q_t, k_t, v)), (distill_attention.attention_ce, (q_s, k_s, q_t, k_t))):
+    for fn, args in ((attention_kernels.copy_fast, (q_t, k_t, v)), (attention_kernels.attention_ce_fast, (q_s, k_s, q_t, k_t))):
         shapes = saved_shapes(fn, *args)[1]
         assert shapes and not n_by_n(shapes), (fn.__name__, shapes)
     # the check can fail: the references keep their maps
@@ -117,7 +118,7 @@ def test_compiled_equals_the_definition_and_saves_nothing_n_by_n():
     def both(copy, ce):
         return (copy(q_t, k_t, v) * w).sum() + ce(q_s, k_s, q_t, k_t)
 
-    loss, shapes = saved_shapes(torch.compile(lambda: both(copy_attention.copy_fast, distill_attention.attention_ce)))
+    loss, shapes = saved_shapes(torch.compile(lambda: both(attention_kernels.copy_fast, attention_kernels.attention_ce_fast)))
     assert shapes and not n_by_n(shapes), shapes
     ref = both(copy_reference, attention_ce_reference)
     assert_close([loss.detach(), *torch.autograd.grad(loss, (v, q_s, k_s))],
@@ -131,13 +132,13 @@ def test_half_precision_inputs(device, dtype):
     q_t, k_t, q_s, k_s, v = tensors(device=device, dtype=dtype)
     up = [t.detach().double().requires_grad_() for t in (q_t, k_t, q_s, k_s, v)]
     w = torch.randn(B, H, N, 8, dtype=dtype, device=device)
-    out, dv = copy_and_grad(copy_attention.copy_fast, q_t, k_t, v, w)
+    out, dv = copy_and_grad(attention_kernels.copy_fast, q_t, k_t, v, w)
     ref_out, ref_dv = copy_and_grad(copy_reference, up[0], up[1], up[4], w.double())
     assert out.dtype == dv.dtype == dtype
     scale = ref_out.abs().max()  # the output is a convex mix of v: half-precision rounding relative to its range
     torch.testing.assert_close(out.double(), ref_out, atol=2e-2 * scale, rtol=0)
     torch.testing.assert_close(dv.double(), ref_dv, atol=2e-2 * ref_dv.abs().max(), rtol=0)  # float32 inside
-    loss, dq, dk = ce_and_grads(distill_attention.attention_ce, q_t, k_t, q_s, k_s)
+    loss, dq, dk = ce_and_grads(attention_kernels.attention_ce_fast, q_t, k_t, q_s, k_s)
     ref = ce_and_grads(attention_ce_reference, up[0], up[1], up[2], up[3])
     assert loss.dtype == torch.float32 and dq.dtype == dk.dtype == dtype
     torch.testing.assert_close(loss.double(), ref[0], atol=1e-5, rtol=1e-5)  # float32 arithmetic inside
@@ -148,7 +149,7 @@ def test_half_precision_inputs(device, dtype):
 def test_copy_under_autocast_runs_in_the_autocast_dtype():
     q_t, k_t, _, _, v = tensors(dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = copy_attention.copy_fast(q_t, k_t, v)
+        out = attention_kernels.copy_fast(q_t, k_t, v)
         ref = torch.nn.functional.scaled_dot_product_attention(q_t, k_t, v)  # what the student's blocks compute
     assert out.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref, atol=3e-2 * ref.abs().max().item(), rtol=0)
@@ -162,5 +163,5 @@ def test_custom_ops_are_well_formed_for_the_compiler():
     that are views of one qkv tensor laid out (B, N, 3, H, D), as a block hands them over."""
     q_t, k_t = (t.detach().bfloat16() for t in tensors()[:2])
     q_s, k_s, v = torch.randn(B, N, 3, H, 8, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4).unbind(0)
-    torch.library.opcheck(copy_attention._copy_forward, (q_t, k_t, v.requires_grad_()))
-    torch.library.opcheck(distill_attention._attention_ce, (q_s.requires_grad_(), k_s.requires_grad_(), q_t, k_t, True))
+    torch.library.opcheck(attention_kernels.copy_forward, (q_t, k_t, v.requires_grad_()))
+    torch.library.opcheck(attention_kernels.attention_ce_forward, (q_s.requires_grad_(), k_s.requires_grad_(), q_t, k_t, True))

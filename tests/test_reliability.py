@@ -1,18 +1,24 @@
 """Reliability: two processes equal one, errors and stops under torchrun, SIGKILL / SIGTERM and resume (mid-epoch and
 mid-checkpoint-write), every bad input a one-line error."""
+import collections
 import concurrent.futures
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import zipfile
+import zlib
 
 import pytest
 import torch
 
+import run_safety
 import vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +31,7 @@ FAST = ["--dataset", "fake", "--model", "vit_micro_cifar", "--input_size", "32",
 LAUNCH = r'''
 import os, signal, sys, importlib
 sys.path.insert(0, os.environ["REPO"])
-import data, torch, train
+import data, run_safety, torch, train
 data.train_transform = lambda img_size, aug, reprob: data.eval_transform(img_size, resize=False)
 if "SIGNAL_AT_STEP" in os.environ:
     at, signum = map(int, os.environ["SIGNAL_AT_STEP"].split())
@@ -54,7 +60,7 @@ if "KILL_IN_SAVE" in os.environ:
             os.kill(os.getpid(), signal.SIGKILL)
         save(obj, f)
     torch.save = half_then_die
-train.cli(lambda: importlib.import_module(sys.argv[1]).main(sys.argv[2:]))
+run_safety.cli(lambda: importlib.import_module(sys.argv[1]).main(sys.argv[2:]))
 '''
 
 
@@ -193,7 +199,7 @@ def bad_inputs(tmp_path, teacher_file):
         ("resuming a folder written for another model", "train", ["--model", "vit_tiny_cifar"],
          "is not a checkpoint of this run (embed_dim 128 there, 192 here"),
         ("resuming a folder written by another method", "copy_attention", ["--teacher", teacher_file],
-         "method 'Baseline' there, 'CopyAttention' here"),
+         "method 'Method' there, 'CopyAttention' here"),
         ("resuming with a recipe value that changes the result", "train", ["--blr", "1e-3"],
          "is not a checkpoint of this run (blr 0.0005 there, 0.001 here"),
         ("a folder another run is using", "train", [], f"is in use by process {os.getpid()} on"),
@@ -236,24 +242,24 @@ def test_every_bad_input_is_one_line_and_leaves_the_output_resumable(tmp_path, l
 
 
 RANGE_ERRORS = [  # (extra args, expected message): checked before any data is opened
-    (["--accum_iter", "0"], "--accum_iter 0 is out of range: it must be in [1, inf)"),
-    (["--epoch_steps", "-1"], "--epoch_steps -1 is out of range"),
-    (["--epoch_steps", "0"], "--epoch_steps 0 is out of range"),
-    (["--epochs", "0"], "--epochs 0 is out of range"),
-    (["--batch_size", "0"], "--batch_size 0 is out of range"),
-    (["--val_subset", "0"], "--val_subset 0 is out of range"),
-    (["--ema", "1.5"], "--ema 1.5 is out of range: it must be in [0, 1)"),
-    (["--ema", "1"], "--ema 1.0 is out of range"),
-    (["--blr", "0"], "--blr 0.0 is out of range: it must be in (0, inf)"),
-    (["--lr", "nan"], "--lr nan is out of range"),
-    (["--warmup_epochs", "-1"], "--warmup_epochs -1.0 is out of range"),
-    (["--smoothing", "1"], "--smoothing 1.0 is out of range"),
-    (["--mixup", "-0.1"], "--mixup -0.1 is out of range"),
-    (["--reprob", "1.5"], "--reprob 1.5 is out of range"),
-    (["--drop_path", "1"], "--drop_path 1.0 is out of range"),
-    (["--clip_grad", "0"], "--clip_grad 0.0 is out of range"),
-    (["--save_every_min", "0"], "--save_every_min 0.0 is out of range"),
-    (["--min_lr_ratio", "2"], "--min_lr_ratio 2.0 is out of range"),
+    (["--accum_iter", "0"], "argument --accum_iter: 0 is out of range: it must be in [1, inf)"),
+    (["--epoch_steps", "-1"], "argument --epoch_steps: -1 is out of range"),
+    (["--epoch_steps", "0"], "argument --epoch_steps: 0 is out of range"),
+    (["--epochs", "0"], "argument --epochs: 0 is out of range"),
+    (["--batch_size", "0"], "argument --batch_size: 0 is out of range"),
+    (["--val_subset", "0"], "argument --val_subset: 0 is out of range"),
+    (["--ema", "1.5"], "argument --ema: 1.5 is out of range: it must be in [0, 1)"),
+    (["--ema", "1"], "argument --ema: 1 is out of range"),
+    (["--blr", "0"], "argument --blr: 0 is out of range: it must be in (0, inf)"),
+    (["--lr", "nan"], "argument --lr: nan is out of range"),
+    (["--warmup_epochs", "-1"], "argument --warmup_epochs: -1 is out of range"),
+    (["--smoothing", "1"], "argument --smoothing: 1 is out of range"),
+    (["--mixup", "-0.1"], "argument --mixup: -0.1 is out of range"),
+    (["--reprob", "1.5"], "argument --reprob: 1.5 is out of range"),
+    (["--drop_path", "1"], "argument --drop_path: 1 is out of range"),
+    (["--clip_grad", "0"], "argument --clip_grad: 0 is out of range"),
+    (["--save_every_min", "0"], "argument --save_every_min: 0 is out of range"),
+    (["--min_lr_ratio", "2"], "argument --min_lr_ratio: 2 is out of range"),
     (["--input_size", "2"], "--input_size 2 must be a multiple of vit_micro_cifar's patch size 4"),
     (["--input_size", "30"], "--input_size 30 must be a multiple"),
     (["--model", "vit_huge"], "unknown model 'vit_huge'"),
@@ -266,23 +272,213 @@ def test_every_range_is_checked_with_one_line(tmp_path, capsys, extra, message):
     """Through train.cli in this process (the same path as the command line, without starting Python each time)."""
     import train
     with pytest.raises(SystemExit) as exit:
-        train.cli(lambda: train.main(FAST + ["--output_dir", str(tmp_path / "out")] + extra))
+        run_safety.cli(lambda: train.main(FAST + ["--output_dir", str(tmp_path / "out")] + extra))
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (tmp_path / "out").exists()  # nothing created
 
 
 @pytest.mark.parametrize("script,extra,message", [
-    ("pretrain_mae", ["--decoder_depth", "0"], "--decoder_depth 0 is out of range"),
-    ("distill_attention", ["--teacher_heads", "0"], "--teacher_heads 0 is out of range"),
-    ("copy_attention", ["--heads", "-1"], "--heads -1 is out of range"),
+    ("pretrain_mae", ["--decoder_depth", "0"], "argument --decoder_depth: 0 is out of range"),
+    ("distill_attention", ["--teacher_heads", "0"], "argument --teacher_heads: 0 is out of range"),
+    ("copy_attention", ["--heads", "-1"], "argument --heads: -1 is out of range"),
 ])
 def test_method_script_ranges_are_checked(tmp_path, capsys, script, extra, message):
     import importlib
     import train
     main = importlib.import_module(script).main
     with pytest.raises(SystemExit) as exit:
-        train.cli(lambda: main(FAST + ["--output_dir", str(tmp_path / "out")] + extra))
+        run_safety.cli(lambda: main(FAST + ["--output_dir", str(tmp_path / "out")] + extra))
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit.value.code == 2 and len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ bad files
+# Every row runs the real command (README "Runs you cannot lose", Bad input): exit 2, one line, nothing changed.
+class Storage:
+    """Stands for a tensor's storage, which torch.save writes as the record data/0."""
+
+
+class Tensor:
+    """Pickles as torch.save pickles a float32 tensor of `numel` elements held in a Storage."""
+
+    def __init__(self, numel):
+        self.numel = numel
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, (Storage(), 0, (self.numel,), (1,), False, collections.OrderedDict())
+
+
+class TorchPickler(pickle.Pickler):
+    """torch.save's pickling: a Storage becomes the persistent id by which torch.load finds its record."""
+
+    def __init__(self, file, numel):
+        super().__init__(file, protocol=2)
+        self.numel = numel
+
+    def persistent_id(self, obj):
+        return ("storage", torch.FloatStorage, "0", "cpu", self.numel) if isinstance(obj, Storage) else None
+
+
+CLAIMED = 2 << 30  # bytes the compressed record inflates to
+
+
+@pytest.fixture(scope="module")
+def inflating(tmp_path_factory):
+    """A 2 MB checkpoint whose record data/0 inflates to 2 GiB of zeros: torch.save's own archive, with data.pkl for a
+    tensor of that size and data/0 deflated (torch.load takes 2.7 GB of memory to read it; torch writes every record
+    STORED). Built in 1 MiB writes: nothing of 2 GiB exists in memory or on disk."""
+    real = io.BytesIO()
+    torch.save({"model": {"w": torch.zeros(4)}}, real)
+    path = tmp_path_factory.mktemp("inflating") / "inflating.pth"
+    zeros = bytes(1 << 20)
+    with zipfile.ZipFile(real) as src, zipfile.ZipFile(path, "w") as out:
+        for record in src.infolist():
+            if record.filename.endswith("/data/0"):
+                info = zipfile.ZipInfo(record.filename)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with out.open(info, "w", force_zip64=True) as f:
+                    for _ in range(CLAIMED // len(zeros)):
+                        f.write(zeros)
+            elif record.filename.endswith("/data.pkl"):
+                pickled = io.BytesIO()
+                TorchPickler(pickled, CLAIMED // 4).dump({"model": {"w": Tensor(CLAIMED // 4)}})
+                out.writestr(record.filename, pickled.getvalue())
+            else:
+                out.writestr(record.filename, src.read(record.filename))
+    assert os.path.getsize(path) < 3e6
+    return str(path)
+
+
+# runs the command given as its arguments and prints that process's peak resident memory (KiB) last
+PEAK_RSS = r'''
+import resource, subprocess, sys
+code = subprocess.run(sys.argv[1:]).returncode
+print("peak KiB", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(code)
+'''
+
+
+def peak_rss(cmd):
+    """-> (the finished process, its peak resident memory in bytes)."""
+    r = run([sys.executable, "-c", PEAK_RSS] + cmd, check=False)
+    return r, int(r.stdout.strip().splitlines()[-1].split()[-1]) * 1024
+
+
+@pytest.fixture(scope="module")
+def imports_peak():
+    """The peak resident memory of importing the scripts (torch and torchvision: about 0.7 GiB on our machine)."""
+    return peak_rss([sys.executable, "-c", "import distill_attention, evaluate, train"])[1]
+
+
+def one_error_line(r):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("script,extra,message", [
+    ("train", ["--finetune", "{F}"], "{F} is not a checkpoint torch wrote (record archive/data/0 is compressed"),
+    ("distill_attention", ["--teacher", "{F}", "--layers", ":"], "{F} is not a checkpoint torch wrote (record"),
+    ("train", ["--resume", "{F}"], "{F} is not a checkpoint torch wrote (record archive/data/0 is compressed"),
+    ("evaluate", ["{F}", "--dataset", "fake", "--no_progress"], "{F} is not a checkpoint torch wrote (record"),
+    ("train", ["--dataset", "folder", "--data_path", "{F}"], "{F} is not a packed dataset (record archive/data/0"),
+])
+def test_a_record_that_inflates_to_gigabytes_is_refused_with_little_memory(tmp_path, inflating, imports_peak, script,
+                                                                           extra, message):
+    out = tmp_path / "out"
+    args = [a.replace("{F}", inflating) for a in extra]
+    if script != "evaluate":
+        args = FAST + ["--epochs", "1", "--output_dir", str(out)] + args
+    r, peak = peak_rss([sys.executable, f"{script}.py"] + args)
+    assert message.replace("{F}", inflating) in one_error_line(r)
+    # reading the record would add 2 GiB (and torch.load's copy of it) to what the imports take
+    assert peak - imports_peak < CLAIMED / 4, f"{peak / 2**30:.2f} GiB at peak, {imports_peak / 2**30:.2f} importing"
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_pack_replaces_only_its_own_output(tmp_path):
+    """`python data.py pack SRC DST` over a checkpoint, a text file, a folder: refused, each left as it was; over its
+    own earlier output: replaced. A checkpoint given as --data_path is named, and no command to overwrite it."""
+    src = make_folder(tmp_path / "src")
+    checkpoint = tmp_path / "checkpoint.pth"
+    torch.save({"model": {"w": torch.zeros(3)}, "epoch": 3}, checkpoint)
+    notes = tmp_path / "notes.pth"
+    notes.write_text("my notes\n")
+    folder = tmp_path / "folder.pth"
+    folder.mkdir()
+    before = {p: p.read_bytes() for p in (checkpoint, notes)}
+    for dst in (checkpoint, notes, folder):
+        r = run([sys.executable, "data.py", "pack", src, str(dst)], check=False)
+        assert f"{dst} exists and is not a file python data.py pack wrote: refusing to replace it" in one_error_line(r)
+    assert {p: p.read_bytes() for p in (checkpoint, notes)} == before and not os.listdir(folder)
+    packed = str(tmp_path / "packed.pth")
+    run([sys.executable, "data.py", "pack", src, packed])
+    r = run([sys.executable, "data.py", "pack", src, packed])  # its own output: replaced
+    assert "packed" in r.stdout and sorted(os.listdir(tmp_path)) == sorted(
+        ["src", "checkpoint.pth", "notes.pth", "folder.pth", "packed.pth"])  # no temporary file left
+    r = run([sys.executable, "train.py"] + FAST + ["--dataset", "folder", "--data_path", str(checkpoint),
+                                                   "--output_dir", str(tmp_path / "out")], check=False)
+    line = one_error_line(r)
+    assert f"{checkpoint} is not a packed dataset (it holds ['epoch', 'model']" in line
+    assert f"pack SRC {checkpoint}" not in line and checkpoint.read_bytes() == before[checkpoint]
+    assert one_error_line(run([sys.executable, "data.py"], check=False)).startswith(
+        "error: the following arguments are required: command, src, dst")
+
+
+def test_bad_files_and_folders_are_named_for_what_they_are(tmp_path, teacher_file):
+    """Each message says what the input is and what to pass instead (README's table), before any work."""
+    from PIL import Image
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"epoch": 0, "train_loss": 2.3}\n')
+    notes = tmp_path / "notes.txt"
+    notes.write_text("teacher: mae_tiny_cifar10\n")
+    resnet = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}, resnet)
+    one_class = tmp_path / "one_class"
+    for split in ("train", "val"):
+        os.makedirs(one_class / split / "cat")
+        Image.new("RGB", (32, 32)).save(one_class / split / "cat" / "0.png")
+    packed = tmp_path / "broken.pth"
+    src = make_folder(tmp_path / "src")
+    run([sys.executable, "data.py", "pack", src, str(packed)])
+    contents = torch.load(packed, weights_only=True)
+    images = zlib.decompress(contents["train"]["zlib"].numpy().tobytes())
+    a, b = contents["train"]["offsets"][2:4].tolist()
+    broken = images[:a] + b"x" * (b - a) + images[b:]  # image 2 of train/ overwritten
+    contents["train"]["zlib"] = torch.frombuffer(bytearray(zlib.compress(broken)), dtype=torch.uint8)
+    torch.save(contents, packed)
+    model = tmp_path / "m.pth"
+    torch.save({"model": vit.create_model("vit_micro_cifar", num_classes=10).state_dict(),
+                "arch": vit.create_model("vit_micro_cifar", num_classes=10).arch, "config": {"dataset": "fake"}}, model)
+    train_args = FAST + ["--epochs", "1", "--output_dir", str(tmp_path / "out")]
+    rows = [  # (command, what the line says, what it must not say)
+        (["distill_attention.py", "--teacher", str(log), "--layers", ":"] + train_args,
+         f"{log} is not a checkpoint torch wrote (it is a JSON file, starting", "unpickling"),
+        (["train.py", "--finetune", str(notes)] + train_args,
+         f"{notes} is not a checkpoint torch wrote (it is a text file, starting", "unpickling"),
+        (["evaluate.py", str(log)], f"{log} is not a checkpoint torch wrote (it is a JSON file", "unpickling"),
+        (["distill_attention.py", "--teacher", str(resnet), "--layers", ":"] + train_args,
+         f"{resnet} has no patch_embed.proj.weight / pos_embed (its 2 tensors start conv1.weight", None),
+        (["train.py", "--finetune", str(resnet)] + train_args, f"{resnet}: checkpoint does not fit the model", None),
+        (["evaluate.py", "mae_tiny_cifar10"], "mae_tiny_cifar10 has no trained classifier (untrained: no head): it is "
+         "a pre-trained encoder", "no folder"),
+        (["evaluate.py", "sup_nano_cifar10"], "sup_nano_cifar10 records no dataset (a training run's checkpoint.pth "
+         "does): pass --dataset and --data_path", "no folder"),
+        (["evaluate.py", str(model), "--val_subset", "1000"],
+         "--val_subset 1000 is larger than the dataset (128 images): lower --val_subset", "--subset"),
+        (["evaluate.py"], "give the checkpoints to evaluate", "usage"),
+        (["evaluate.py", str(model), "--no_such_flag"], "unrecognized arguments: --no_such_flag", "usage"),
+        (["train.py"] + train_args + ["--dataset", "folder", "--data_path", str(one_class)],
+         f"{one_class / 'train'} has a single class folder (cat): a classifier needs two classes or more", None),
+        (["data.py", "pack", str(one_class), str(tmp_path / "one.pth")],
+         f"{one_class / 'train'} has a single class folder (cat)", None),
+        (["train.py"] + train_args + ["--dataset", "folder", "--data_path", str(packed)],
+         f"cannot read image {packed}:train/2 (not an image PIL can identify): the packed file is damaged", "_io."),
+    ]
+    for command, message, absent in rows:
+        line = one_error_line(run([sys.executable] + command, check=False))
+        assert message in line and (absent is None or absent not in line), (command, line)
+    out = tmp_path / "out"
+    assert not (tmp_path / "one.pth").exists() and (not out.exists() or not os.listdir(out))

@@ -2,7 +2,7 @@
 first step, and a real CIFAR-10 epoch.
 
 Interrupts are real signals: a hook on train.lr_at (called once at the start of every optimizer step) sends SIGINT to
-this process, train.run's handler notes it, the step finishes, the checkpoint is written and run raises train.Stop(130),
+this process, train.run's handler notes it, the step finishes, the checkpoint is written and run raises run_safety.Stop(130),
 which train.cli turns into exit code 130."""
 import argparse
 import errno
@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 
+import run_safety
 import train
 import vit
 
@@ -106,7 +107,7 @@ def test_two_epoch_cli_run_writes_log_and_checkpoint(full):
     assert {"train_loss", "val_acc1", "val_acc5", "ema_acc1", "ema_loss"} <= set(lines[-1]) and stats == lines[-1]
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["arch"]["embed_dim"] == 128 and ckpt["config"]["model"] == "vit_micro_cifar"
-    assert ckpt["method"] == {"method": "Baseline"} and not (tmp_path / "run.lock").exists()
+    assert ckpt["method"] == {"method": "Method"} and not (tmp_path / "run.lock").exists()
     # the saved student loads as a plain ViT anywhere a checkpoint is taken
     model, report = vit.load_pretrained(str(tmp_path / "checkpoint.pth"))
     assert not report["fresh"] and model.arch == ckpt["arch"]
@@ -125,16 +126,16 @@ def test_model_and_ema_are_evaluated_in_one_pass_with_the_same_numbers():
 
     loader = Counted(torch.utils.data.DataLoader(ds, 8))
     args = argparse.Namespace(device="cpu", amp="none")
-    both = train.evaluate(train.Baseline(model), model, loader, args, 1, ema=ema)
+    both = train.validate(train.Method(model), model, loader, args, 1, ema=ema)
     assert passes == [1]
-    assert both == {**train.evaluate(train.Baseline(model), model, loader, args, 1),
-                    **{f"ema_{k}": v for k, v in train.evaluate(train.Baseline(ema), ema, loader, args, 1).items()}}
+    assert both == {**train.validate(train.Method(model), model, loader, args, 1),
+                    **{f"ema_{k}": v for k, v in train.validate(train.Method(ema), ema, loader, args, 1).items()}}
     assert set(both) == {"loss", "acc1", "acc5", "ema_loss", "ema_acc1", "ema_acc5"}
 
 
 def test_sigint_mid_epoch_saves_and_the_rerun_ends_with_the_same_weights(tmp_path, monkeypatch, capsys, full):
     signal_at(monkeypatch, 2)  # the first step of epoch 1
-    with pytest.raises(train.Stop) as stop:
+    with pytest.raises(run_safety.Stop) as stop:
         run_cli(tmp_path)
     assert stop.value.code == 130
     assert capsys.readouterr().err.strip() == "interrupted at epoch 1, step 3; rerun the same command to resume"
@@ -144,11 +145,16 @@ def test_sigint_mid_epoch_saves_and_the_rerun_ends_with_the_same_weights(tmp_pat
     run_cli(tmp_path)  # the same command: continues at step 3 of epoch 1, the same images and draws
     assert f"resumed {tmp_path} at epoch 1, step 3" in capsys.readouterr().out
     assert same(weights(tmp_path), weights(full[0]))
-    assert [json.loads(l)["epoch"] for l in (tmp_path / "log.jsonl").read_text().splitlines()] == [0, 1]
+    lines = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    uninterrupted = [json.loads(l) for l in (full[0] / "log.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [0, 1]
+    # the resumed epoch's line covers all its steps: the same losses as the uninterrupted run's, nothing "partial"
+    assert lines[1]["train_loss"] == uninterrupted[1]["train_loss"] and "partial" not in lines[1]
+    assert lines[1]["val_acc1"] == uninterrupted[1]["val_acc1"]
 
 
 def test_epoch_boundary_resume_of_an_older_checkpoint_with_persistent_workers(tmp_path, monkeypatch, full):
-    evaluate, calls = train.evaluate, []
+    evaluate, calls = train.validate, []
 
     def killed_in_epoch_1(*a, **k):  # dies in the second epoch, after its training steps, before its checkpoint
         calls.append(1)
@@ -156,7 +162,7 @@ def test_epoch_boundary_resume_of_an_older_checkpoint_with_persistent_workers(tm
             raise KeyboardInterrupt
         return evaluate(*a, **k)
 
-    monkeypatch.setattr(train, "evaluate", killed_in_epoch_1)
+    monkeypatch.setattr(train, "validate", killed_in_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         run_cli(tmp_path, "--num_workers", "2")
     monkeypatch.undo()
@@ -166,6 +172,7 @@ def test_epoch_boundary_resume_of_an_older_checkpoint_with_persistent_workers(tm
     for key in ("min_lr_ratio", "save_every_min"):
         del ckpt["config"][key]
     ckpt["method"] = {}
+    del ckpt["epoch_sums"], ckpt["epoch_time"]
     torch.save(ckpt, tmp_path / "checkpoint.pth")
     run_cli(tmp_path, "--num_workers", "2")  # workers persist across epochs; their draws follow from the image
     assert same(weights(tmp_path), weights(full[0]))  # ... and equal those of a run without workers
@@ -203,14 +210,14 @@ def test_resume_refuses_another_run_naming_what_differs(tmp_path):
     with pytest.raises(ValueError, match=r"not a checkpoint of this run \(blr 0.0005 there, 0.001 here; lr"):
         run_cli(tmp_path, "--epochs", "1", "--epoch_steps", "1", "--blr", "1e-3")
 
-    class Other(train.Baseline):
+    class Other(train.Method):
         def describe(self):
             return {"teacher": "t.pth"}
 
     args = train.parse_args(train.get_args_parser("", train.FINETUNE, {}),
                             FAST + ["--epochs", "1", "--epoch_steps", "1", "--output_dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="method 'Baseline' there, 'Other' here"):
-        train.run(args, lambda model, _: Other(model))
+    with pytest.raises(ValueError, match="method 'Method' there, 'Other' here"):
+        train.run(args, Other)
     run_cli(tmp_path, "--epochs", "1", "--epoch_steps", "1", "--no_progress", "--save_every_min", "5")  # accepted
 
 
@@ -239,7 +246,7 @@ def test_one_run_per_folder_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys)
 
 def test_frozen_children_are_cast_once_to_the_amp_dtype():
     student, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).requires_grad_(False)
-    method = train.Baseline(student)
+    method = train.Method(student)
     method.teacher = teacher
     train.cast_frozen(method, torch.bfloat16)
     assert teacher.weight.dtype == torch.bfloat16 and student.weight.dtype == torch.float32

@@ -1,8 +1,10 @@
-"""vit.py: our ViT against timm's on the same weights, the attend hook against float64 references, every checkpoint
+"""vit.py: our ViT against timm's on the same weights, the attention_fn hook against float64 references, every checkpoint
 format loaded from its weights alone and attending exactly as the model that wrote it, heads from records only,
 position-embedding resizing, stochastic depth, downloads under torchrun, and every bad input."""
 import argparse
 import math
+import struct
+import zipfile
 
 import pytest
 import torch
@@ -47,7 +49,7 @@ def explicit_block(block, x, q_ext=None, k_ext=None):
 
 
 @pytest.mark.parametrize("case", ["qk", "q", "k", "subset", "wider"])
-def test_attend_through_sdpa_equals_explicit_float64(case):
+def test_attention_fn_through_sdpa_equals_explicit_float64(case):
     m = model().double()
     block = m.blocks[0]
     x = torch.randn(2, 17, 32, dtype=torch.float64)
@@ -61,11 +63,11 @@ def test_attend_through_sdpa_equals_explicit_float64(case):
         q_ext, k_ext = q_ext[:, :2], k_ext[:, :2]
     seen = []
 
-    def attend(q, k, v):  # what a method file passes: its own way to attend, given the block's own q, k, v
+    def attention_fn(q, k, v):  # what a method file passes: its own way to attend, given the block's own q, k, v
         seen.append((q, k, v))
         return F.scaled_dot_product_attention(replace(q, q_ext), replace(k, k_ext), v)
 
-    out, own = block.attn(block.norm1(x), attend)
+    out, own = block.attn(block.norm1(x), attention_fn)
     torch.testing.assert_close(out, explicit_block(block, x, q_ext, k_ext), atol=1e-10, rtol=0)
     assert len(own) == 3 and own[0].shape == (2, 4, 17, 8)
     assert len(seen) == 1 and all(a is b for a, b in zip(seen[0], own))  # fn got the block's own q, k, v
@@ -81,13 +83,13 @@ def test_returned_qkv_reproduce_the_blocks_own_attention():
     torch.testing.assert_close(out, explicit_block(block, x), atol=1e-10, rtol=0)
 
 
-def test_attend_replaces_only_its_layer():
+def test_attention_fn_replaces_only_its_layer():
     m = model(depth=3).eval()
     x = torch.randn(2, 3, 16, 16)
     plain, qkv = m.forward_features(x, collect=range(3))
-    same, _ = m.forward_features(x, attend={1: F.scaled_dot_product_attention})
+    same, _ = m.forward_features(x, attention_fns={1: F.scaled_dot_product_attention})
     assert torch.equal(same, plain)  # SDPA passed as the fn: nothing changes
-    zeroed, got = m.forward_features(x, attend={2: lambda q, k, v: torch.zeros_like(v)}, collect=[1, 2])
+    zeroed, got = m.forward_features(x, attention_fns={2: lambda q, k, v: torch.zeros_like(v)}, collect=[1, 2])
     assert all(torch.equal(a, b) for l in (1, 2) for a, b in zip(got[l], qkv[l]))  # own q, k, v still handed out
     before, _ = m.forward_features(x, depth=2)  # the input of block 2
     b = m.blocks[2]
@@ -98,8 +100,8 @@ def test_attend_replaces_only_its_layer():
 def test_gradients_reach_v_but_not_external_or_own_qk():
     m = model()
     q_ext, k_ext = torch.randn(2, 4, 17, 8, requires_grad=True), torch.randn(2, 4, 17, 8, requires_grad=True)
-    attend = {0: lambda q, k, v: F.scaled_dot_product_attention(q_ext.detach(), k_ext.detach(), v)}
-    tokens, _ = m.forward_features(torch.randn(2, 3, 16, 16), attend=attend)
+    attention_fns = {0: lambda q, k, v: F.scaled_dot_product_attention(q_ext.detach(), k_ext.detach(), v)}
+    tokens, _ = m.forward_features(torch.randn(2, 3, 16, 16), attention_fns=attention_fns)
     tokens.sum().backward()
     g = m.blocks[0].attn.qkv.weight.grad  # rows: q (0:32), k (32:64), v (64:96)
     assert g[:64].abs().max() == 0 and g[64:].abs().max() > 0
@@ -163,7 +165,7 @@ def test_real_formats_load_exactly(tmp_path, fmt):
         assert vit.load_state(model(global_pool=False), str(path))["fresh"] == ["head.bias", "head.weight"]
 
 
-# A shape no preset has: depth 5, width 96, MLP ratio 2, 3 heads (issue 12).
+# A shape no preset has: depth 5, width 96, MLP ratio 2, 3 heads.
 TINY = dict(img_size=32, patch_size=4, embed_dim=96, depth=5, num_heads=3, mlp_ratio=2)
 
 
@@ -362,8 +364,58 @@ def test_bad_checkpoints(tmp_path):
         vit.load_state(model(), str(tmp_path / "missing.pth"))
     del sd["pos_embed"]
     torch.save(sd, tmp_path / "nopos.pth")
-    with pytest.raises(ValueError, match="not a ViT with timm/MAE names"):
+    with pytest.raises(ValueError, match=f"{tmp_path / 'nopos.pth'} has no .*pos_embed .*not a ViT with timm/MAE"):
         vit.load_pretrained(str(tmp_path / "nopos.pth"), num_heads=4)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'nopos.pth'}: checkpoint does not fit the model"):
+        vit.load_state(model(), str(tmp_path / "nopos.pth"))  # the file is named, as --finetune gives it
+
+
+def claim(path, name, size):
+    """Rewrite the zip archive's central directory: record `name` holds `size` bytes (stored, so compressed too)."""
+    raw = bytearray(path.read_bytes())
+    entry = raw.find(b"PK\x01\x02")  # the central directory's entries, one per record
+    while raw[entry + 46:entry + 46 + struct.unpack_from("<H", raw, entry + 28)[0]] != name.encode():
+        entry = raw.find(b"PK\x01\x02", entry + 4)
+    struct.pack_into("<II", raw, entry + 20, size, size)  # compressed size, uncompressed size
+    path.write_bytes(raw)
+
+
+def test_files_torch_did_not_write_are_refused_before_torch_load(tmp_path):
+    """torch.load inflates a compressed record whole, at the size the archive claims, before any check: a compressed
+    record, or one claiming more bytes than the file holds, is refused from the central directory alone. A text,
+    JSON, empty or other file is named for what it is (torch.load would say it needs arbitrary unpickling); torch's
+    legacy (pre-zip) format still loads."""
+    torch.save(sd_of(model()), tmp_path / "real.pth")
+    with zipfile.ZipFile(tmp_path / "real.pth") as src, zipfile.ZipFile(tmp_path / "deflated.pth", "w") as out:
+        for record in src.infolist():
+            deflated = record.filename.endswith("/data/0")
+            out.writestr(record.filename, src.read(record.filename),
+                         compress_type=zipfile.ZIP_DEFLATED if deflated else zipfile.ZIP_STORED)
+    with pytest.raises(ValueError, match=r"deflated.pth is not a checkpoint torch wrote \(record real/data/0 is "
+                                         r"compressed to inflate to \d+ bytes, and torch stores every record "
+                                         r"uncompressed"):
+        vit.load_file(str(tmp_path / "deflated.pth"))
+    (tmp_path / "claims.pth").write_bytes((tmp_path / "real.pth").read_bytes())
+    claim(tmp_path / "claims.pth", "real/data/1", 2**31)
+    with zipfile.ZipFile(tmp_path / "claims.pth") as archive:
+        assert archive.getinfo("real/data/1").file_size == 2**31
+    with pytest.raises(ValueError, match=r"claims.pth is not a checkpoint torch wrote \(record real/data/1 claims "
+                                         r"2147483648 bytes where the file has \d+: it is corrupt\)"):
+        vit.load_file(str(tmp_path / "claims.pth"))
+    files = {"log.jsonl": ('{"epoch": 0}\n', "it is a JSON file, starting '{\"epoch\": 0}'"),
+             "notes.pth": ("teacher:\n  mae_tiny_cifar10\n", "it is a text file, starting 'teacher: mae_tiny_cifar10'"),
+             "empty.pth": ("", "it is empty")}
+    for name, (text, what) in files.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError) as e:
+            vit.load_file(str(tmp_path / name))
+        assert str(e.value).startswith(f"{tmp_path / name} is not a checkpoint torch wrote ({what}): pass a file "
+                                       "torch.save wrote"), e.value
+    (tmp_path / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    with pytest.raises(ValueError, match="it starts with the bytes .*PNG.*, neither a zip archive nor a pickle"):
+        vit.load_file(str(tmp_path / "picture.png"))
+    torch.save({"w": torch.arange(3.0)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert torch.equal(vit.load_file(str(tmp_path / "legacy.pth"))["w"], torch.arange(3.0))
 
 
 def test_drop_masks_explicit_shared_and_train_only():
@@ -395,3 +447,114 @@ def test_depth_and_collect(monkeypatch):
     monkeypatch.setattr(m.blocks[2], "forward", None)  # would raise if run
     tokens, qkv = m.forward_features(torch.randn(1, 3, 16, 16), collect=[1], depth=2)
     assert list(qkv) == [1] and tokens.shape == (1, 17, 32)
+
+
+# The teachers of the other pre-training methods (TEACHERS): each name, the address its official repository gives, and
+# the layout of the file there, written below for a tiny ViT with the table's 12 heads.
+OTHER_METHODS = {
+    "dino_vit_b": "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+    "mocov3_vit_b": "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar",
+    "deit_vit_b": "https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth",
+}
+
+
+def moco_v3_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn=True):
+    """moco-v3's moco/builder.py _build_mlp: Linear without bias, BatchNorm, ReLU; the last BatchNorm without affine."""
+    layers = []
+    for l in range(num_layers):
+        dim1 = input_dim if l == 0 else mlp_dim
+        dim2 = output_dim if l == num_layers - 1 else mlp_dim
+        layers.append(torch.nn.Linear(dim1, dim2, bias=False))
+        if l < num_layers - 1:
+            layers += [torch.nn.BatchNorm1d(dim2), torch.nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(torch.nn.BatchNorm1d(dim2, affine=False))
+    return torch.nn.Sequential(*layers)
+
+
+def moco_v3(arch, dim=8, mlp_dim=16):
+    """moco-v3's MoCo_ViT (moco/builder.py) inside DDP, as main_moco.py saves it: module.base_encoder, a timm ViT whose
+    head is the projector MLP; module.momentum_encoder, the same with other weights (momentum < 1 leaves them apart);
+    module.predictor."""
+    moco = torch.nn.Module()
+    moco.base_encoder = TimmViT(**arch, num_classes=mlp_dim)
+    moco.momentum_encoder = TimmViT(**arch, num_classes=mlp_dim)
+    for encoder in (moco.base_encoder, moco.momentum_encoder):
+        encoder.head = moco_v3_mlp(3, arch["embed_dim"], mlp_dim, dim)
+    moco.predictor = moco_v3_mlp(2, dim, mlp_dim, dim)
+    ddp = torch.nn.Module()
+    ddp.module = moco  # DistributedDataParallel's attribute: every key starts with module.
+    return ddp
+
+
+def write_as_released(path, name):
+    """A tiny ViT with 12 heads saved at path in the layout of the file behind TEACHERS[name], its other entries
+    included -> the network whose attention and outputs the loaded model must reproduce."""
+    torch.manual_seed(2)
+    arch = {**TINY, "num_heads": 12}
+    if name == "dino_vit_b":  # "backbone only": the state dict of DINO's vit_base(num_classes=0), nothing else
+        net = TimmViT(**arch, num_classes=0)
+        torch.nn.init.normal_(net.cls_token)
+        torch.save(sd_of(net), path)
+    elif name == "deit_vit_b":  # DeiT's main.py checkpoint: the model beside its EMA, optimizer, schedule, args
+        net = TimmViT(**arch, num_classes=10)
+        torch.nn.init.normal_(net.cls_token)
+        ema = {k: v + 1 for k, v in sd_of(net).items()}  # the same names, other weights: not the ones to load
+        torch.save({"model": sd_of(net), "optimizer": torch.optim.AdamW(net.parameters()).state_dict(),
+                    "lr_scheduler": {"last_epoch": 299}, "epoch": 299, "model_ema": ema, "scaler": {"scale": 65536.0},
+                    "args": argparse.Namespace(model="deit_base_patch16_224", lr=5e-4)}, path)
+    else:  # main_moco.py's save_checkpoint
+        ddp = moco_v3(arch)
+        net = ddp.module.base_encoder
+        torch.nn.init.normal_(net.cls_token)
+        torch.save({"epoch": 300, "arch": "vit_base", "state_dict": ddp.state_dict(),
+                    "optimizer": torch.optim.SGD(ddp.parameters(), lr=0.1).state_dict(),
+                    "scaler": {"scale": 65536.0, "growth_factor": 2.0}}, path)
+        net.head = torch.nn.Identity()  # the projector trained MoCo, it is not part of the ViT: compare features
+    return net
+
+
+@pytest.mark.parametrize("name", list(OTHER_METHODS))
+def test_other_methods_names_fail_offline_then_load_their_files_layout(tmp_path, monkeypatch, name):
+    url = OTHER_METHODS[name]
+    assert vit.TEACHERS[name] == dict(source=url, num_heads=12, **vit.IMAGENET)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    asked = []
+
+    def offline(src, path):
+        asked.append(src)
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ValueError) as e:
+        vit.load_pretrained(name)
+    assert asked == [url] and str(e.value) == (f"cannot download '{name}' from {url} (ConnectionError: no network); "
+                                               f"download it on a machine that can and pass the file's path instead "
+                                               f"of '{name}'")
+    cached = tmp_path / "checkpoints" / url.rsplit("/", 1)[1]  # where a download puts it
+    net = write_as_released(cached, name)
+    m, report = vit.load_pretrained(name)  # found in the cache: no download
+    assert asked == [url] and m.num_heads == 12 and not m.global_pool and m.depth == 5
+    assert report["mean"] == (0.485, 0.456, 0.406) and report["std"] == (0.229, 0.224, 0.225)
+    assert report["fresh"] == report["dropped"] == report["resized"] == []
+    assert m.arch["num_classes"] == (10 if name == "deit_vit_b" else 0)
+    x = torch.randn(2, 3, 32, 32)
+    maps, outputs = writer_attention(net, x)
+    with torch.no_grad():
+        tokens, qkv = m.eval().forward_features(x, collect=range(5))
+        ours = m.forward_head(tokens)
+    for layer in range(5):
+        torch.testing.assert_close(vit.attention_map(*qkv[layer][:2]), maps[layer], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, outputs, atol=1e-5, rtol=0)  # logits (DeiT) or the normed class token
+
+
+def test_moco_v3_arch_names_are_not_read_as_heads(tmp_path):
+    """MoCo v3's 'vit_small' has 12 heads (moco-v3 vits.py) where every other small ViT has 6: its record gives none."""
+    ddp = moco_v3(dict(img_size=16, patch_size=8, embed_dim=384, depth=1, num_heads=12))
+    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": ddp.state_dict()}, tmp_path / "vit-s.pth.tar")
+    path = str(tmp_path / "vit-s.pth.tar")
+    m, _ = vit.load_pretrained(path, num_heads=12)
+    assert m.num_heads == 12 and m.arch["embed_dim"] == 384
+    assert torch.equal(m.blocks[0].attn.qkv.weight, ddp.module.base_encoder.blocks[0].attn.qkv.weight)
+    with pytest.raises(ValueError, match="cannot be read from the weights.*--teacher_heads"):
+        vit.load_pretrained(path)

@@ -1,14 +1,14 @@
-"""bench.py: speed and memory of every method, side by side with the naive way of computing it (issue 13).
+"""bench.py: speed and memory of every method, side by side with the naive way of computing it.
 
 The repository's claim (README "Speed and memory"): transferring attention costs little more than training from
 scratch, because no N x N attention map is ever kept. This measures it in one run, as ratios, for the same student,
 batch and weights, every layer and head transferred:
 
-    scratch        train.Baseline: the student alone
-    copy, distill  copy_attention.CopyAttention (copy_fast), distill_attention.DistillAttention (attention_ce)
-    naive_copy     CopyAttention with copy_fast swapped for copy_reference: the teacher's map materialised and
-                   kept for backward, as the authors' code computes it
-    naive_distill  DistillAttention with attention_ce swapped for attention_ce_reference: both maps materialised
+    scratch        train.Method: the student alone
+    copy, distill  copy_attention.CopyAttention (copy_fast), distill_attention.DistillAttention (attention_ce_fast)
+    naive_copy     CopyAttention(explicit_map=True), as --explicit_map trains: copy_reference, the teacher's map
+                   materialised and kept for backward, as the authors' code computes it
+    naive_distill  DistillAttention(explicit_map=True): attention_ce_reference, both maps materialised
 
 Only the transfer differs between a method and its naive twin (the teacher and the student's own attention run
 SDPA in both), so their ratio is what computing the transfer without maps buys. --amp and --compile apply to all.
@@ -17,14 +17,14 @@ step, so drifting machine load hits them alike), a teacher forward alone for sca
 one step (saved_tensors_hooks; each storage once, at full size, parameters excluded); and the peak memory: on CPU
 the peak RSS of a fresh process running that variant alone, on GPU torch.cuda.max_memory_allocated over one step.
 
-    python bench.py                                      # CPU, fp32, ViT-S width at N = 65, 197, 577
-    python bench.py --compile                            # the same, every variant eager and compiled
-    python bench.py --device cuda --amp bf16 --compile   # GPU: ViT-B and ViT-L widths at N = 197, 577
-    python bench.py --quick                              # seconds: a 1-layer configuration (the tests run it)
+    python benchmarks/bench.py                                      # CPU, fp32, ViT-S width at N = 65, 197, 577
+    python benchmarks/bench.py --compile                            # the same, every variant eager and compiled
+    python benchmarks/bench.py --device cuda --amp bf16 --compile   # GPU: ViT-B and ViT-L widths at N = 197, 577
+    python benchmarks/bench.py --quick                              # seconds: a 1-layer configuration (tests)
+    python -m benchmarks.bench --quick                              # the same, run as a module
 README "Speed and memory" has the table this printed and which targets it meets.
 """
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -35,31 +35,34 @@ import subprocess
 import sys
 import tempfile
 import time
-from unittest import mock
+
+# The modules measured here live in the repository root, one folder up. `python benchmarks/bench.py` puts only this
+# folder on sys.path (and so does the fresh process peak_memory starts), so the root goes first.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
 import copy_attention
 import distill_attention
+import run_safety
 import train
 import vit
 from teacher import Teacher
 
-# variant: (method, (module, function, replacement) swapped in while it runs, or None)
+# variant: (method, trains with the explicit map, the definition itself)
 VARIANTS = {
-    "scratch": ("scratch", None),
-    "copy": ("copy", None),
-    "distill": ("distill", None),
-    "naive_copy": ("copy", (copy_attention, "copy_fast", copy_attention.copy_reference)),
-    "naive_distill": ("distill", (distill_attention, "attention_ce", distill_attention.attention_ce_reference)),
+    "scratch": ("scratch", False),
+    "copy": ("copy", False),
+    "distill": ("distill", False),
+    "naive_copy": ("copy", True),
+    "naive_distill": ("distill", True),
 }
 METHODS = list(VARIANTS)
-NAIVE = {name: "naive_" + method for name, (method, swap) in VARIANTS.items()
-         if method != "scratch" and not name.startswith("naive")}  # {copy: naive_copy, distill: naive_distill}
+NAIVE = {"copy": "naive_copy", "distill": "naive_distill"}  # each method's naive twin
 # name: (embed_dim, num_heads, depth), with patch 16 (ViT-S/16, ViT-B/16, ViT-L/16).
 WIDTHS = {"s": (384, 6, 12), "b": (768, 12, 12), "l": (1024, 16, 24)}
 # Images per step at ViT-S width (ViT-B takes half, ViT-L a quarter): on 2 CPU cores a default run takes about
-# 15 minutes (batch 4 at N = 577 as in issue 13's reference numbers); on a GPU they fill it decently.
+# 15 minutes (batch 4 at N = 577); on a GPU they fill it decently.
 BATCH = {"cpu": {65: 16, 197: 8, 577: 4}, "cuda": {65: 512, 197: 256, 577: 64}}
 
 
@@ -90,18 +93,12 @@ def build(name, student, teacher):
     its optimizer and the teacher, so they hold one set of weights between them)."""
     if name not in VARIANTS:
         raise ValueError(f"unknown method {name!r}; methods: {', '.join(METHODS)}")
-    method = VARIANTS[name][0]
+    method, explicit_map = VARIANTS[name]
     if method == "scratch":
-        return train.Baseline(student)
+        return train.Method(student)
     if method == "copy":
-        return copy_attention.CopyAttention(student, teacher, "copy")
-    return distill_attention.DistillAttention(student, teacher, "distill", 3.0)
-
-
-def swapped(name):
-    """The context a variant runs in: its method's module function replaced by the reference (or kernel)."""
-    swap = VARIANTS[name.split()[0]][1]
-    return mock.patch.object(*swap) if swap else contextlib.nullcontext()
+        return copy_attention.CopyAttention(student, teacher, "copy", explicit_map)
+    return distill_attention.DistillAttention(student, teacher, "distill", 3.0, explicit_map)
 
 
 def make_inputs(arch, batch, device, seed=2):
@@ -176,9 +173,8 @@ def run_one(cfg):
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     images, targets = make_inputs(arch, cfg["batch"], device)
     rss_before = peak_rss()
-    with swapped(name):
-        for _ in range(cfg["steps"]):
-            train_step(runner, opt, images, targets, cfg["amp"])
+    for _ in range(cfg["steps"]):
+        train_step(runner, opt, images, targets, cfg["amp"])
     return dict(peak_rss=peak_rss(), rss_before_steps=rss_before)
 
 
@@ -221,14 +217,12 @@ def bench_config(arch, batch, device="cpu", amp="none", modes=("eager",), method
                 key = name if mode == "eager" else f"{name} compiled"
                 method = build(name, student, teacher).train()
                 runner = torch.compile(method) if mode == "compiled" else method
-                with swapped(key):
-                    saved = saved_for_backward(runner, images, targets, amp)  # compiles, for compiled variants
+                saved = saved_for_backward(runner, images, targets, amp)  # compiles, for compiled variants
                 result["methods"][key] = dict(saved_bytes=saved["bytes"], loss=saved["loss"],
                                               saves_n_by_n=any(sum(d == N for d in s) >= 2 for s in saved["shapes"]))
 
-                def step(runner=runner, key=key):
-                    with swapped(key):
-                        train_step(runner, opt, images, targets, amp)
+                def step(runner=runner):
+                    train_step(runner, opt, images, targets, amp)
 
                 steps[key] = (step, warmup + 2 * (mode == "compiled"))  # a compiled step warms up twice more
 
@@ -301,9 +295,9 @@ def table(results, device):
 
 
 def targets(results, device="cpu"):
-    """Issue 13's targets that the measured configurations can check: [(what, measured, limit, met)], every one a
-    ratio that must be <= its limit. CPU: at ViT-S width, in each mode measured. GPU: each fused method at least
-    1.3x faster than its naive twin at N = 577 (time ratio <= 1 / 1.3)."""
+    """The speed and memory targets that the measured configurations can check: [(what, measured, limit, met)],
+    every one a ratio that must be <= its limit. CPU: at ViT-S width, in each mode measured. GPU: each fused method at
+    least 1.3x faster than its naive twin at N = 577 (time ratio <= 1 / 1.3)."""
     rules = [("", "naive", "step_s", 577, 1 / 1.3)] if device.startswith("cuda") else [
         ("copy", "naive", "step_s", None, 1.05), ("copy", "scratch", "saved_bytes", None, 1.0),
         ("distill", "scratch", "step_s", 197, 1.40), ("distill", "scratch", "step_s", 577, 1.55),
@@ -400,4 +394,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    train.cli(main)
+    run_safety.cli(main)
