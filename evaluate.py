@@ -89,9 +89,17 @@ def load_model(path, args):
         return Model(path, net.eval(), train.Method(net).eval(), dict(method="pre-trained", weights="model"),
                      report["fresh"], mean=report["mean"] or data.MEAN, std=report["std"] or data.STD)
     arch, record, config = ckpt["arch"], ckpt.get("method") or {}, ckpt["config"] or {}
+    for part, value in (("arch", arch), ("method", record), ("config", config)):
+        if not isinstance(value, dict):
+            raise ValueError(f"{path} is damaged or was edited (its '{part}' is a {type(value).__name__}, not a "
+                             "record): use the file its run wrote")
     check_config(path, arch, config)
     weights = "ema" if args.ema and ckpt.get("ema") else "model"  # a model trained without EMA is evaluated raw
-    net = vit.VisionTransformer(**arch)
+    try:
+        net = vit.VisionTransformer(**arch)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} is damaged or was edited (its 'arch' does not build a ViT: {e}): use the file its "
+                         "run wrote") from None
     try:
         report = vit.load_state(net, ckpt[weights])
     except ValueError as e:
@@ -626,10 +634,10 @@ def main(argv=None):
     p.add_argument("--specificity", metavar="TEACHER", help="only this: how image-specific the attention of TEACHER "
                    "(a name or file, as the method scripts take it) is, per layer, on --val_subset val images (512 "
                    "if not given) of --dataset (default: CIFAR-10 without --data_path, else folder)")
-    p.add_argument("--teacher_mean", type=float, nargs=3, help="--specificity's teacher's input mean (default: its "
-                   "record)")
-    p.add_argument("--teacher_std", type=float, nargs=3, help="--specificity's teacher's input std (default: its "
-                   "record)")
+    p.add_argument("--teacher_mean", type=teacher.finite, nargs=3, help="--specificity's teacher's input mean "
+                   "(default: its record)")
+    p.add_argument("--teacher_std", type=train.in_range(0, math.inf, low_open=True), nargs=3,
+                   help="--specificity's teacher's input std (default: its record)")
     p.add_argument("--dataset", choices=["folder", "cifar10", "cifar100", "fake"],
                    help="default: what the first checkpoint was trained on, else folder")
     p.add_argument("--data_path", help="default: what the first checkpoint was trained on")

@@ -616,3 +616,13 @@ def test_copy_checkpoint_of_average_images_runs_with_its_saved_map_and_no_teache
     torch.save(ckpt, path)  # without method_tensors
     with pytest.raises(ValueError, match=r"avg.pth was trained with --average images but holds no mean map"):
         run(path, *FAKE)
+
+
+@pytest.mark.parametrize("part,value,message", [
+    ("config", [1], "its 'config' is a list, not a record"), ("method", "copy", "its 'method' is a str, not a record"),
+    ("arch", "x", "its 'arch' is a str, not a record"), ("arch", {"depth": 1, "width": 3}, "its 'arch' does not build")])
+def test_a_hand_edited_checkpoint_is_named_as_one(tmp_path, part, value, message):
+    ckpt = torch.load(save(tmp_path / "c.pth", tiny(1)), weights_only=True)
+    torch.save(dict(ckpt, **{part: value}), tmp_path / "edited.pth")
+    with pytest.raises(ValueError, match=f"edited.pth is damaged or was edited \\({message}"):
+        run(tmp_path / "edited.pth", *FAKE)
