@@ -174,7 +174,7 @@ def open_folder(root, split):
 
 def pack(src, dst):
     """`python data.py pack SRC DST`: the ImageFolder tree SRC (train/ and val/ or test/) -> one file DST holding every
-    image's encoded bytes unchanged (no re-encoding), for a machine that can receive little (a GPU that gets 64 MiB).
+    image's encoded bytes unchanged (no re-encoding): a dataset that travels as one file.
     DST holds {'written_by': PACKED, 'classes': [str], split: {'zlib': uint8, the bytes of all files zlib-compressed,
     'offsets': int64 (N + 1,) into the decompressed bytes, 'labels': int64 (N,)}}
     and loads with torch.load(weights_only=True); --data_path DST reads it like SRC. Every image is opened first (an
