@@ -478,8 +478,8 @@ def class_names(name, root):
 
 # ------------------------------------------------------------------------------------ deterministic sampling
 # Every random draw of a run follows from (seed, epoch, image) or (seed, process, step): a run stopped and resumed
-# draws exactly what an uninterrupted one draws, whichever worker or process loads an image (README "Runs you cannot
-# lose").
+# draws exactly what an uninterrupted one draws, whichever worker or process loads an image
+# (README "Runs you cannot lose").
 def seed_of(*ints):
     """A 63-bit seed that follows from the integers alone (the same in every process and Python version)."""
     return int.from_bytes(hashlib.sha256(repr(ints).encode()).digest()[:8], "little") >> 1

@@ -12,8 +12,8 @@ def readme_headings():
 
 
 def pointers():
-    """(file, section) for every `README "Section"` (also `README, "Section"`, `README's "Section"`) in the
-    repository's code, its help strings (escaped quotes) included."""
+    """(file, section) for every pointer to a README section (README followed by the quoted section name, also with a
+    comma or "'s" between them) in the repository's code, its help strings (escaped quotes) included."""
     found = []
     files = glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "*", "*.py"))
     files += glob.glob(os.path.join(ROOT, "*", "*.sh"))
