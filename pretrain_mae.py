@@ -133,11 +133,12 @@ PRETRAIN_CIFAR = dict(
 )
 
 
-def export_encoder(checkpoint, path, mean=None, std=None):
-    """A checkpoint.pth of this script or train.py -> the encoder (and any trained head) in MAE's format {'model': ...}
-    with timm names, float16 (half the size; cast back on load), with its architecture and input statistics recorded."""
+def export_encoder(checkpoint, path, mean=None, std=None, drop=("decoder_", "mask_token")):
+    """A checkpoint.pth of this script, train.py or pretrain_moco.py -> the encoder (and any trained head) in MAE's
+    format {'model': ...} with timm names, float16 (half the size; cast back on load), with its architecture and input
+    statistics recorded. `drop`: the prefixes of what is not the encoder (here MAE's decoder)."""
     ckpt = vit.load_file(checkpoint)
-    encoder = {k: v.half() for k, v in ckpt["model"].items() if not k.startswith(("decoder_", "mask_token"))}
+    encoder = {k: v.half() for k, v in ckpt["model"].items() if not k.startswith(drop)}
     arch = {k: v for k, v in ckpt["arch"].items() if k not in ("drop_path",)}
     run_safety.save_atomic({"model": encoder, "arch": arch, "epoch": ckpt["epoch"], "mean": list(mean or data.MEAN),
                        "std": list(std or data.STD)}, path)

@@ -481,16 +481,17 @@ def load_pretrained(name_or_path, num_heads=None, **overrides):
     return model, report
 
 
-# Keys a pre-trained checkpoint may carry that a ViT classifier does not use (MAE's decoder and mask token), and
-# keys a classifier may lack in a checkpoint (a new head, a new fc_norm when fine-tuning with global pooling).
-DROPPABLE = ("decoder_", "mask_token")
+# Keys a pre-trained checkpoint may carry that a ViT classifier does not use (MAE's decoder and mask token; the heads
+# and momentum copy of pretrain_moco.py), and keys a classifier may lack in a checkpoint (a new head, a new fc_norm
+# when fine-tuning with global pooling).
+DROPPABLE = ("decoder_", "mask_token", "projector.", "predictor.", "momentum_")
 FRESH = ("head.", "head_dist.", "fc_norm.")
 
 
 def load_state(model, source):
     """Load a file or state dict into `model` and say what happened.
 
-    Dropped without complaint: MAE decoder keys and mask_token; `norm.*` when the model pools with fc_norm (as MAE
+    Dropped without complaint: MAE decoder keys and mask_token, pretrain_moco.py's heads and momentum copy; `norm.*` when the model pools with fc_norm (as MAE
     fine-tuning does). Left freshly initialised: head.*, head_dist.* and fc_norm.* when absent, and the heads when
     the class count differs. pos_embed is resized (bicubic) to the model's patch grid. Anything else missing, unexpected or of
     another shape is a ValueError naming the key and both shapes. Returns a dict report.

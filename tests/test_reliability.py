@@ -280,6 +280,7 @@ def test_every_range_is_checked_with_one_line(tmp_path, capsys, extra, message):
 
 @pytest.mark.parametrize("script,extra,message", [
     ("pretrain_mae", ["--decoder_depth", "0"], "argument --decoder_depth: 0 is out of range"),
+    ("pretrain_moco", ["--hidden", "0"], "argument --hidden: 0 is out of range"),
     ("distill_attention", ["--teacher_heads", "0"], "argument --teacher_heads: 0 is out of range"),
     ("copy_attention", ["--heads", "-1"], "argument --heads: -1 is out of range"),
 ])
