@@ -1,7 +1,6 @@
 """Attention copy: the definition, the fast path against it in float64, every mode and flag, the teacher frozen."""
 import argparse
 import math
-import os
 import signal
 
 import pytest
@@ -288,7 +287,7 @@ def signal_at(monkeypatch, at_step):
 
     def hook(step, *a):
         if step == at_step:
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
         return lr_at(step, *a)
 
     monkeypatch.setattr(train, "lr_at", hook)

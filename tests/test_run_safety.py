@@ -153,7 +153,7 @@ def test_a_moved_teacher_is_the_same_teacher(tmp_path, capsys, monkeypatch, teac
 
     def ctrl_c_in_epoch_1(step, *a):
         if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
         return lr_at(step, *a)
 
     monkeypatch.setattr(train, "lr_at", ctrl_c_in_epoch_1)
@@ -225,12 +225,12 @@ def test_a_second_ctrl_c_inside_a_save_waits_for_the_file(tmp_path, capsys, monk
 
     def first_ctrl_c(step, *a):
         if step == 1:
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
         return lr_at(step, *a)
 
     def second_ctrl_c_inside(obj, f):
         saves.append(1)
-        os.kill(os.getpid(), signal.SIGINT)  # lands here, half-way through writing
+        signal.raise_signal(signal.SIGINT)  # lands here, half-way through writing
         f.write(b"PK")
         f.seek(0)
         save(obj, f)
@@ -255,7 +255,7 @@ def test_sigterm_during_the_evaluation_saves_at_once_and_the_resume_evaluates(tm
     def sigterm_in_first_batch(*a, **k):
         calls.append(1)
         if len(calls) == 2:  # epoch 1's evaluation
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
         return validate(*a, **k)
 
     monkeypatch.setattr(train, "validate", sigterm_in_first_batch)

@@ -50,7 +50,7 @@ def signal_at(monkeypatch, at_step, signum=signal.SIGINT):
 
     def hook(step, *a):
         if step == at_step:
-            os.kill(os.getpid(), signum)
+            signal.raise_signal(signum)
         return lr_at(step, *a)
 
     monkeypatch.setattr(train, "lr_at", hook)
