@@ -237,8 +237,13 @@ def test_a_second_ctrl_c_inside_a_save_waits_for_the_file(tmp_path, capsys, monk
 
     monkeypatch.setattr(train, "lr_at", first_ctrl_c)
     monkeypatch.setattr(torch, "save", second_ctrl_c_inside)
-    with pytest.raises(SystemExit) as exit:
-        run_safety.cli(lambda: train.main(FAST + ["--output_dir", str(out)]))
+    # Ctrl-C as a terminal delivers it (KeyboardInterrupt), whatever handler an earlier test in the session left
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit) as exit:
+            run_safety.cli(lambda: train.main(FAST + ["--output_dir", str(out)]))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit.value.code == 130 and err == ["interrupted; rerun the same command to resume from the last checkpoint"]
     monkeypatch.undo()
