@@ -562,7 +562,8 @@ def plot_curves(files, path):
     """One PNG, the only use of matplotlib in this repository (pip install matplotlib). From train.py's log.jsonl
     files (a line an epoch): top-1 per epoch of each run. From this script's outputs, one per run, named METHOD_epE.json
     (or eval_METHOD_epE.json) where E is the teacher's pre-training epochs, plus one from scratch: the share of the
-    scratch-to-fine-tune gap that each method recovers, against E (README "Results": the teacher curve)."""
+    scratch-to-fine-tune gap that each method recovers, against E (README "Results": the teacher curve). From one
+    manifest of teachers (teacher_shares): each teacher's shares of the gap against its attention's specificity."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -570,7 +571,18 @@ def plot_curves(files, path):
     except ImportError:
         raise ValueError("--curves draws with matplotlib, which is not installed: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    if all(f.endswith(".json") for f in files):
+    if len(files) == 1 and files[0].endswith(".json") and "teachers" in read_json(files[0]):
+        points = teacher_shares(files[0])
+        for i, method in enumerate(("copy", "distillation")):
+            x = [spec for spec, _ in points.values()]
+            ax.scatter(x, [shares[method] for _, shares in points.values()], marker="os"[i], label=method)
+        for name, (spec, shares) in points.items():
+            ax.annotate(name, (spec, max(shares.values())), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.axhline(100, color="gray", lw=0.8, ls="--")
+        ax.set(xlim=(0, 1.4 * max(spec for spec, _ in points.values())), ylim=(0, 105),
+               xlabel="teacher's attention specificity (nats, mean over layers)",
+               ylabel="share of the scratch-to-fine-tune gap (%)", title="what attention transfer recovers")
+    elif all(f.endswith(".json") for f in files):
         curves = gap_shares(files)
         for method, (epochs, shares) in curves.items():
             ax.plot(epochs, shares, marker="o", label=method)
@@ -591,6 +603,53 @@ def plot_curves(files, path):
     ax.legend()
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png", metadata={"Software": MARK}))
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def top1_of(ref, where):
+    """A top-1 an evaluate.py output holds: REF is its path (an output of one model) or [path, model name] (the
+    checkpoint's name as the output records it, for an output of several models)."""
+    path, name = (ref, None) if isinstance(ref, str) else ref
+    out = read_json(path)
+    models, accs = out.get("models", [{}]), out["accuracy"]["val"]["models"]
+    if name is None:
+        if len(accs) != 1:
+            raise ValueError(f"{where}: {path} holds {len(accs)} models: name one, [\"{path}\", MODEL]")
+        return accs[0]["acc1"]
+    names = [m.get("name") for m in models]
+    if name not in names:
+        raise ValueError(f"{where}: {path} has no model {name!r} (it has {', '.join(map(str, names))})")
+    return accs[names.index(name)]["acc1"]
+
+
+def teacher_shares(manifest):
+    """README "When attention transfer works at this scale": each teacher's share of the gap against how
+    image-specific its attention is. MANIFEST (JSON) names the files: {"scratch": [REF, ...], "teachers": {NAME:
+    {"specificity": its --specificity output, "top": [REF, ...], "copy": [...], "distillation": [...]}}}, where a REF
+    is an evaluate.py output (see top1_of), one per seed, and "top" is the top of the teacher's gap: its fine-tuned
+    students (or the teacher itself, where it cannot seed the student). -> {NAME: (mean specificity over layers,
+    {method: % of the gap from scratch's mean top-1 to top's mean, of the method's mean})}."""
+    m = read_json(manifest)
+
+    def mean(refs, where):
+        if not refs:
+            raise ValueError(f"{manifest}: {where} names no evaluate.py output")
+        return sum(top1_of(r, f"{manifest}, {where}") for r in refs) / len(refs)
+
+    scratch = mean(m.get("scratch"), "scratch")
+    points = {}
+    for name, t in m["teachers"].items():
+        spec = read_json(t["specificity"])["specificity"]
+        top = mean(t.get("top"), f"{name}'s top")
+        if top <= scratch:
+            raise ValueError(f"{manifest}: {name}'s top ({top:.2f}) is not above scratch's ({scratch:.2f}): no gap")
+        points[name] = (sum(spec) / len(spec), {k: 100 * (mean(t.get(k), f"{name}'s {k}") - scratch) / (top - scratch)
+                                                for k in ("copy", "distillation")})
+    return points
 
 
 def gap_shares(files):
@@ -627,7 +686,8 @@ def main(argv=None):
                    "vit.load_pretrained reads: MAE, timm, DeiT, DINO) or teacher names; with --curves, log.jsonl "
                    "files or this script's outputs; none with --specificity")
     p.add_argument("--curves", metavar="PNG", help="only draw (matplotlib): top-1 per epoch of log.jsonl files, or "
-                   "the share of the gap against teacher epochs of this script's METHOD_epE.json outputs")
+                   "the share of the gap against teacher epochs of this script's METHOD_epE.json outputs, or against "
+                   "specificity from one manifest of teachers (README \"When attention transfer works at this scale\")")
     p.add_argument("--ema", action="store_true", help="EMA weights where a checkpoint has them (raw otherwise)")
     p.add_argument("--teacher", help="the teacher file for copy checkpoints / --with_teacher, instead of the recorded")
     p.add_argument("--teacher_heads", type=int, help="heads per layer, for a file that does not record them")

@@ -448,6 +448,32 @@ def test_gap_shares_reads_evaluate_outputs_named_by_teacher_epochs(tmp_path):
     assert evaluate.written_here(tmp_path / "gap.png")
 
 
+def test_teacher_shares_reads_a_manifest_of_evaluate_outputs(tmp_path):
+    def output(name, *acc1s):
+        models = [{"name": f"runs/{name}{i}/checkpoint.pth"} for i in range(len(acc1s))]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"models": models, "accuracy": {"val": {"models": [{"acc1": a} for a in acc1s]}}}))
+        return str(path)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"specificity": [0.1, 0.3]}))
+    manifest = {"scratch": [output("scratch", 29), output("scratch_s1", 31)],  # mean 30
+                "teachers": {"T": {"specificity": str(spec),
+                                   "top": [[output("seed0", 50, 35), "runs/seed00/checkpoint.pth"]],  # two models
+                                   "copy": [[str(tmp_path / "seed0.json"), "runs/seed01/checkpoint.pth"]],
+                                   "distillation": [output("d0", 40), output("d1", 42)]}}}
+    path = tmp_path / "teachers.json"
+    path.write_text(json.dumps(manifest))
+    (x, shares), = evaluate.teacher_shares(str(path)).values()
+    assert x == pytest.approx(0.2) and shares == pytest.approx({"copy": 25.0, "distillation": 55.0})
+    t = manifest["teachers"]["T"]
+    for key, refs, error in (("top", [t["top"][0][0]], "holds 2 models: name one"),
+                             ("top", [[t["top"][0][0], "runs/x"]], "has no model 'runs/x'"),
+                             ("distillation", [], "T's distillation names no evaluate.py output")):
+        path.write_text(json.dumps({**manifest, "teachers": {"T": {**t, key: refs}}}))
+        with pytest.raises(ValueError, match=error):
+            evaluate.teacher_shares(str(path))
+
+
 # ------------------------------------------------------------------------------------------------ --specificity
 def specificity_reference(net, images):
     """The measure in one pass, every map in memory, float64: -> (specificity, entropy) per layer of net on images

@@ -237,7 +237,8 @@ def test_a_second_ctrl_c_inside_a_save_waits_for_the_file(tmp_path, capsys, monk
 
     monkeypatch.setattr(train, "lr_at", first_ctrl_c)
     monkeypatch.setattr(torch, "save", second_ctrl_c_inside)
-    # Ctrl-C as a terminal delivers it (KeyboardInterrupt), whatever handler an earlier test in the session left
+    # Ctrl-C as a terminal delivers it (KeyboardInterrupt): a suite started in the background (`&`, as some CI
+    # runners do) inherits Ctrl-C ignored, and the run's second-signal handler is the one it started with
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(SystemExit) as exit:
