@@ -658,8 +658,7 @@ def gap_shares(files):
     top1, scratch = {}, None
     for f in files:
         name = os.path.basename(f).removesuffix(".json").removeprefix("eval_")
-        with open(f) as fh:
-            acc = json.load(fh)["accuracy"]["val"]["models"][0]["acc1"]
+        acc = read_json(f)["accuracy"]["val"]["models"][0]["acc1"]
         method, _, epoch = name.rpartition("_ep")
         if name == "scratch":
             scratch = acc

@@ -2,6 +2,7 @@
 copy checkpoints with and without their teacher, teachers rebuilt from records, class names, ViT files of any shape,
 outputs that never replace a foreign file, bad input. Tiny models (16 px, 16 patches) on a few fake images."""
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -465,6 +466,9 @@ def test_teacher_shares_reads_a_manifest_of_evaluate_outputs(tmp_path):
     path.write_text(json.dumps(manifest))
     (x, shares), = evaluate.teacher_shares(str(path)).values()
     assert x == pytest.approx(0.2) and shares == pytest.approx({"copy": 25.0, "distillation": 55.0})
+    if importlib.util.find_spec("matplotlib"):  # optional: only --curves uses it
+        evaluate.main([str(path), "--curves", str(tmp_path / "shares.png")])
+        assert evaluate.written_here(tmp_path / "shares.png")
     t = manifest["teachers"]["T"]
     for key, refs, error in (("top", [t["top"][0][0]], "holds 2 models: name one"),
                              ("top", [[t["top"][0][0], "runs/x"]], "has no model 'runs/x'"),
