@@ -613,8 +613,12 @@ def read_json(path):
 def top1_of(ref, where):
     """A top-1 an evaluate.py output holds: REF is its path (an output of one model) or [path, model name] (the
     checkpoint's name as the output records it, for an output of several models)."""
+    if not (isinstance(ref, str) or isinstance(ref, list) and len(ref) == 2):
+        raise ValueError(f"{where}: {ref!r} is neither a file nor [file, model name]")
     path, name = (ref, None) if isinstance(ref, str) else ref
     out = read_json(path)
+    if not (isinstance(out, dict) and "val" in out.get("accuracy", {})):
+        raise ValueError(f"{where}: {path} is not an evaluate.py output with top-1 on the val images")
     models, accs = out.get("models", [{}]), out["accuracy"]["val"]["models"]
     if name is None:
         if len(accs) != 1:
@@ -643,7 +647,12 @@ def teacher_shares(manifest):
     scratch = mean(m.get("scratch"), "scratch")
     points = {}
     for name, t in m["teachers"].items():
-        spec = read_json(t["specificity"])["specificity"]
+        missing = sorted({"specificity", "top", "copy", "distillation"} - set(t))
+        if missing:
+            raise ValueError(f"{manifest}: teacher {name!r} names no {', '.join(missing)}")
+        spec = read_json(t["specificity"]).get("specificity")
+        if not spec:
+            raise ValueError(f"{manifest}: {t['specificity']} is not an evaluate.py --specificity output")
         top = mean(t.get("top"), f"{name}'s top")
         if top <= scratch:
             raise ValueError(f"{manifest}: {name}'s top ({top:.2f}) is not above scratch's ({scratch:.2f}): no gap")

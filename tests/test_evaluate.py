@@ -472,7 +472,9 @@ def test_teacher_shares_reads_a_manifest_of_evaluate_outputs(tmp_path):
     t = manifest["teachers"]["T"]
     for key, refs, error in (("top", [t["top"][0][0]], "holds 2 models: name one"),
                              ("top", [[t["top"][0][0], "runs/x"]], "has no model 'runs/x'"),
-                             ("distillation", [], "T's distillation names no evaluate.py output")):
+                             ("distillation", [], "T's distillation names no evaluate.py output"),
+                             ("copy", [str(spec)], "spec.json is not an evaluate.py output with top-1"),
+                             ("specificity", str(tmp_path / "d0.json"), "d0.json is not an evaluate.py --specificity")):
         path.write_text(json.dumps({**manifest, "teachers": {"T": {**t, key: refs}}}))
         with pytest.raises(ValueError, match=error):
             evaluate.teacher_shares(str(path))
