@@ -9,7 +9,8 @@ Nothing here is part of the method; train.py's loop calls it at a few named poin
   together(...)        a bad input met by any process stops all of them, printed once
   save_atomic          a checkpoint is always the old file or the new one, never half of one
   check_resume         a folder written by another run (model, method, teacher, recipe) is refused, naming the keys
-  cli(main)            every user error ends with one line `error: ...` and exit code 2
+  cli(main)            every user error ends with one line `error: ...` and exit code 2; under torchrun, a process
+                       with nothing to say waits for the one that says it
 """
 import contextlib
 import os
@@ -18,6 +19,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -25,12 +27,19 @@ import torch.distributed as dist
 LOCK = "run.lock"
 
 
-class Stop(Exception):
-    """End the run with exit code `code`; what there was to say has been printed."""
+# torchrun stops every process as soon as one of them ends with an error: a process that has nothing to print waits
+# this long, so that the one printing the line the user needs is not stopped before it has printed it
+QUIET_WAIT_S = 10
 
-    def __init__(self, code):
+
+class Stop(Exception):
+    """End the run with exit code `code`; what there was to say has been printed, by this process or (quiet=True)
+    by another one."""
+
+    def __init__(self, code, quiet=False):
         super().__init__(code)
         self.code = code
+        self.quiet = quiet
 
 
 def is_rank0():
@@ -42,25 +51,35 @@ def cli(main):
     on stderr and exit code 2; an interrupt exits 130 (SIGINT) / 143 (SIGTERM).
 
     Under torchrun every process parses the same flags and meets the same bad input before the processes talk to each
-    other: only rank 0 prints it. Errors met later are printed by the process that met them (see together())."""
+    other: only rank 0 prints it. Errors met later are printed by the process that met them (see together()). A
+    process that prints nothing waits QUIET_WAIT_S before it exits (torchrun ends the wait once the printer exits)."""
     try:
         main()
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         started = dist.is_available() and dist.is_initialized()
         if is_rank0() or started or getattr(e, "first_to_meet_it", False):
             print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        else:
+            wait_for_the_printer()
         sys.exit(2)
     except Stop as e:
+        if e.quiet:
+            wait_for_the_printer()
         sys.exit(e.code)
     except KeyboardInterrupt:  # a second Ctrl-C, which does not wait for the step to end
         print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         sys.exit(130)
 
 
+def wait_for_the_printer():
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        time.sleep(QUIET_WAIT_S)
+
+
 @contextlib.contextmanager
 def together(world_size, device):
     """A block every process runs; a bad input met in it stops them all: the first process that met one raises it
-    (cli prints it), the others raise Stop(2) and exit quietly. One all-reduce, at the end of the block."""
+    (cli prints it), the others raise Stop(2, quiet=True) and exit quietly. One all-reduce, at the end of the block."""
     error = None
     try:
         yield
@@ -70,7 +89,7 @@ def together(world_size, device):
         first = torch.tensor(dist.get_rank() if error else world_size, device=device)
         dist.all_reduce(first, op=dist.ReduceOp.MIN)
         if first.item() < world_size and first.item() != dist.get_rank():
-            raise Stop(2)
+            raise Stop(2, quiet=True)
     if error is not None:
         error.first_to_meet_it = True  # cli prints it, whichever rank this is
         raise error

@@ -555,7 +555,7 @@ def train_epochs(training, interrupts):
             if stop:
                 print0(f"interrupted at epoch {epoch}, step {step + 1}; rerun the same command to resume",
                        file=sys.stderr)
-                raise run_safety.Stop(stop)
+                raise run_safety.Stop(stop, quiet=training.rank != 0)
         # evaluate, checkpoint, and the epoch's log line
         partial = resumed and first > 0 and training.epoch_sums is None  # an older checkpoint: sums began at `first`
         stats = end_epoch(training, epoch, sums, seconds_before + time.time() - t0, first if partial else 0,
@@ -611,7 +611,7 @@ def end_epoch(training, epoch, sums, seconds, partial_from, interrupts, progress
             training.save(epoch, (epoch + 1) * steps, sums, seconds)
             print0(f"interrupted at epoch {epoch}, step {(epoch + 1) * steps} (before its evaluation); rerun the same "
                    "command to resume", file=sys.stderr)
-            raise run_safety.Stop(interrupts.exit_code())
+            raise run_safety.Stop(interrupts.exit_code(), quiet=training.rank != 0)
         stats.update({(k if k.startswith("ema_") else f"val_{k}"): v for k, v in result.items()})
     training.save(epoch + 1, (epoch + 1) * steps, {}, 0.0, stats)
     print0(json.dumps(stats))
@@ -623,7 +623,7 @@ def check_finite(values, epoch, step, rank):
     if all(map(math.isfinite, values.values())):
         return
     if rank:
-        raise run_safety.Stop(2)
+        raise run_safety.Stop(2, quiet=True)
     raise FloatingPointError(f"non-finite loss ({', '.join(f'{k} {v:.4g}' for k, v in values.items())}) at epoch "
                              f"{epoch}, step {step}: stopped, the last checkpoint (if any) intact (lower --blr, add "
                              "--clip_grad, or use --amp bf16 instead of fp16)")

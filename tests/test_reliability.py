@@ -27,7 +27,7 @@ FAST = ["--dataset", "fake", "--model", "vit_micro_cifar", "--input_size", "32",
 # A launcher for the scripts with deterministic data (no augmentation) and optional faults, so that runs can be
 # compared weight for weight: python launch.py SCRIPT [ARGS]; env SIGNAL_AT_STEP="k signum" (sent to itself when step k
 # starts), KILL_IN_SAVE=k (SIGKILL half-way through the k-th save), RANK1_FAILS=plan (a ValueError on rank 1 while the
-# data is opened) or RANK1_FAILS=k (rank 1's k-th loss is NaN).
+# data is opened), RANK1_FAILS=k (rank 1's k-th loss is NaN), SLOW_PRINTER=r (rank r takes 3 s to print its error).
 LAUNCH = r'''
 import os, signal, sys, importlib
 sys.path.insert(0, os.environ["REPO"])
@@ -51,6 +51,12 @@ elif os.environ.get("RANK") == "1" and "RANK1_FAILS" in os.environ:
         calls.append(1)
         return ce(logits, targets) * (float("nan") if len(calls) == int(os.environ["RANK1_FAILS"]) else 1)
     train.soft_cross_entropy = nan_at
+if os.environ.get("SLOW_PRINTER", "-") == os.environ.get("RANK"):
+    import builtins, time
+    def slow_print(*a, **k):
+        time.sleep(3)
+        builtins.print(*a, **k)
+    run_safety.print = slow_print
 if "KILL_IN_SAVE" in os.environ:
     save, calls = torch.save, []
     def half_then_die(obj, f):
@@ -114,17 +120,26 @@ def test_two_processes_equal_one(tmp_path, launch, teacher_file, script):
     assert abs(one["val_acc1"] - two["val_acc1"]) < 1e-6 and abs(one["val_loss"] - two["val_loss"]) < 1e-4
 
 
-@pytest.mark.parametrize("fault,message", [("plan", "error: injected on rank 1"),
-                                           ("2", "error: non-finite loss (loss nan) at epoch 0, step 1")])
-def test_a_fault_on_rank_1_stops_both_processes_with_one_line(tmp_path, launch, fault, message):
-    """A bad input met by rank 1 alone is printed (by rank 1); a NaN loss on rank 1 stops both ranks at the same step
-    (rank 0 says it); neither waits for the other until a timeout."""
-    args = FAST + ["--epochs", "1", "--batch_size", "16", "--output_dir", str(tmp_path)]
-    r = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", launch, "train"] + args,
-            env={"RANK1_FAILS": fault}, check=False)
+@pytest.mark.parametrize("fault,printer,message", [
+    ("flag", "0", "error: unrecognized arguments: --lr_decay 0.5 (see --help)"),
+    ("plan", "1", "error: injected on rank 1"),
+    ("2", "0", "error: non-finite loss (loss nan) at epoch 0, step 1")])
+def test_a_fault_stops_both_processes_with_one_line(tmp_path, launch, fault, printer, message):
+    """A bad flag (met by both ranks before they talk) is printed by rank 0; a bad input met by rank 1 alone is printed
+    by rank 1; a NaN loss on rank 1 stops both ranks at the same step (rank 0 says it). Neither waits for the other
+    until a timeout, and the line is printed even when the printer is slow (torchrun stops every process once one
+    has ended: the quiet one waits)."""
+    args = FAST + ["--epochs", "1", "--batch_size", "16", "--output_dir", str(tmp_path / "out")]
+    args += ["--lr_decay", "0.5"] if fault == "flag" else []
+    env = {"SLOW_PRINTER": printer, **({} if fault == "flag" else {"RANK1_FAILS": fault})}
+    r = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", launch, "train"] + args, env=env,
+            check=False)
     errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
     assert r.returncode != 0 and len(errors) == 1 and errors[0].startswith(message), r.stderr[-3000:]
-    assert re.search(r"exitcode\s*:\s*2", r.stderr) and "ValueError" not in r.stderr and "FloatingPoint" not in r.stderr
+    assert re.search(r"exitcode\s*:\s*2", r.stderr), r.stderr[-3000:]
+    assert "ValueError" not in r.stderr and "FloatingPoint" not in r.stderr
+    if fault == "flag":
+        assert not (tmp_path / "out").exists()
 
 
 ARGS = FAST + ["--epochs", "2", "--batch_size", "16", "--drop_path", "0.1"]  # 2 epochs of 3 steps
