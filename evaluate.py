@@ -573,13 +573,13 @@ def plot_curves(files, path):
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     if len(files) == 1 and files[0].endswith(".json") and "teachers" in read_json(files[0]):
         points = teacher_shares(files[0])
+        x = [spec for spec, _ in points.values()]
         for i, method in enumerate(("copy", "distillation")):
-            x = [spec for spec, _ in points.values()]
             ax.scatter(x, [shares[method] for _, shares in points.values()], marker="os"[i], label=method)
         for name, (spec, shares) in points.items():
             ax.annotate(name, (spec, max(shares.values())), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.axhline(100, color="gray", lw=0.8, ls="--")
-        ax.set(xlim=(0, 1.4 * max(spec for spec, _ in points.values())), ylim=(0, 105),
+        ax.set(xlim=(0, 1.4 * max(x)), ylim=(0, 105),
                xlabel="teacher's attention specificity (nats, mean over layers)",
                ylabel="share of the scratch-to-fine-tune gap (%)", title="what attention transfer recovers")
     elif all(f.endswith(".json") for f in files):

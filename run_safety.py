@@ -51,16 +51,16 @@ def cli(main):
     on stderr and exit code 2; an interrupt exits 130 (SIGINT) / 143 (SIGTERM).
 
     Under torchrun every process parses the same flags and meets the same bad input before the processes talk to each
-    other: only rank 0 prints it. Errors met later are printed by the process that met them (see together()). A
-    process that prints nothing waits QUIET_WAIT_S before it exits (torchrun ends the wait once the printer exits)."""
+    other: rank 0 prints it. Errors met later are printed by the process that met them (see together()). A process
+    that leaves the printing to another waits QUIET_WAIT_S before it exits (torchrun ends the wait once the printer
+    exits)."""
     try:
         main()
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         started = dist.is_available() and dist.is_initialized()
-        if is_rank0() or started or getattr(e, "first_to_meet_it", False):
-            print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        else:
-            wait_for_the_printer()
+        if not (is_rank0() or started or getattr(e, "first_to_meet_it", False)):
+            wait_for_the_printer()  # rank 0 meets it too and prints it; if it did not, this process goes on to say it
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)
     except Stop as e:
         if e.quiet:

@@ -26,8 +26,9 @@ FAST = ["--dataset", "fake", "--model", "vit_micro_cifar", "--input_size", "32",
         "--warmup_epochs", "0", "--val_subset", "32", "--epoch_steps", "3", "--no_progress"]
 # A launcher for the scripts with deterministic data (no augmentation) and optional faults, so that runs can be
 # compared weight for weight: python launch.py SCRIPT [ARGS]; env SIGNAL_AT_STEP="k signum" (sent to itself when step k
-# starts), KILL_IN_SAVE=k (SIGKILL half-way through the k-th save), RANK1_FAILS=plan (a ValueError on rank 1 while the
-# data is opened), RANK1_FAILS=k (rank 1's k-th loss is NaN), SLOW_PRINTER=r (rank r takes 3 s to print its error).
+# starts), KILL_IN_SAVE=k (SIGKILL half-way through the k-th save), RANK1_FAILS=early / plan (a ValueError on rank 1
+# before the processes talk / while the data is opened), RANK1_FAILS=k (rank 1's k-th loss is NaN), SLOW_PRINTER=r
+# (rank r takes 3 s to print its error).
 LAUNCH = r'''
 import os, signal, sys, importlib
 sys.path.insert(0, os.environ["REPO"])
@@ -41,7 +42,11 @@ if "SIGNAL_AT_STEP" in os.environ:
             signal.raise_signal(signum)
         return lr_at(step, *a)
     train.lr_at = lr_or_signal
-if os.environ.get("RANK") == "1" and os.environ.get("RANK1_FAILS") == "plan":
+if os.environ.get("RANK") == "1" and os.environ.get("RANK1_FAILS") == "early":
+    def no_start(*a, **k):
+        raise ValueError("injected on rank 1 before the processes talk")
+    train.init_distributed = no_start
+elif os.environ.get("RANK") == "1" and os.environ.get("RANK1_FAILS") == "plan":
     def no_data(*a, **k):
         raise ValueError("injected on rank 1")
     data.build_dataset = no_data
@@ -122,11 +127,12 @@ def test_two_processes_equal_one(tmp_path, launch, teacher_file, script):
 
 @pytest.mark.parametrize("fault,printer,message", [
     ("flag", "0", "error: unrecognized arguments: --lr_decay 0.5 (see --help)"),
+    ("early", "-", "error: injected on rank 1 before the processes talk"),
     ("plan", "1", "error: injected on rank 1"),
     ("2", "0", "error: non-finite loss (loss nan) at epoch 0, step 1")])
 def test_a_fault_stops_both_processes_with_one_line(tmp_path, launch, fault, printer, message):
     """A bad flag (met by both ranks before they talk) is printed by rank 0; a bad input met by rank 1 alone is printed
-    by rank 1; a NaN loss on rank 1 stops both ranks at the same step (rank 0 says it). Neither waits for the other
+    by rank 1 (before the processes talk: after its wait for rank 0, which did not meet it); a NaN loss on rank 1 stops both ranks at the same step (rank 0 says it). Neither waits for the other
     until a timeout, and the line is printed even when the printer is slow (torchrun stops every process once one
     has ended: the quiet one waits)."""
     args = FAST + ["--epochs", "1", "--batch_size", "16", "--output_dir", str(tmp_path / "out")]
