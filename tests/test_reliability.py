@@ -132,9 +132,9 @@ def test_two_processes_equal_one(tmp_path, launch, teacher_file, script):
     ("2", "0", "error: non-finite loss (loss nan) at epoch 0, step 1")])
 def test_a_fault_stops_both_processes_with_one_line(tmp_path, launch, fault, printer, message):
     """A bad flag (met by both ranks before they talk) is printed by rank 0; a bad input met by rank 1 alone is printed
-    by rank 1 (before the processes talk: after its wait for rank 0, which did not meet it); a NaN loss on rank 1 stops both ranks at the same step (rank 0 says it). Neither waits for the other
-    until a timeout, and the line is printed even when the printer is slow (torchrun stops every process once one
-    has ended: the quiet one waits)."""
+    by rank 1 (before the processes talk: after its wait for rank 0, which did not meet it); a NaN loss on rank 1 stops
+    both ranks at the same step (rank 0 says it). Neither waits for the other until a timeout, and the line is printed
+    even when the printer is slow (torchrun stops every process once one has ended: the quiet one waits)."""
     args = FAST + ["--epochs", "1", "--batch_size", "16", "--output_dir", str(tmp_path / "out")]
     args += ["--lr_decay", "0.5"] if fault == "flag" else []
     env = {"SLOW_PRINTER": printer, **({} if fault == "flag" else {"RANK1_FAILS": fault})}
@@ -145,7 +145,7 @@ def test_a_fault_stops_both_processes_with_one_line(tmp_path, launch, fault, pri
     assert re.search(r"exitcode\s*:\s*2", r.stderr), r.stderr[-3000:]
     assert "ValueError" not in r.stderr and "FloatingPoint" not in r.stderr
     if fault == "flag":
-        assert not (tmp_path / "out").exists()
+        assert errors == [message] and not (tmp_path / "out").exists()
 
 
 ARGS = FAST + ["--epochs", "2", "--batch_size", "16", "--drop_path", "0.1"]  # 2 epochs of 3 steps
