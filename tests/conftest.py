@@ -1,4 +1,8 @@
+import contextlib
+import importlib
+import io
 import os
+import subprocess
 import sys
 
 import pytest
@@ -17,6 +21,23 @@ def cifar10_root():
             pytest.fail(f"AT_REQUIRE_DATA=1 but the CIFAR-10 folder {CIFAR10} is missing")
         pytest.skip(f"no CIFAR-10 at {CIFAR10}")
     return CIFAR10
+
+
+def run_here(script, args):
+    """`python SCRIPT.py ARGS` run in this process as its `__main__` block runs it, without starting Python and
+    importing torch again (seconds a command): -> subprocess.CompletedProcess with the exit code, stdout and stderr."""
+    import run_safety
+    module = importlib.import_module(script)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            if script == "data":  # data.py prints its own errors
+                module.main(args)
+            else:
+                run_safety.cli(lambda: module.main(args))
+        except SystemExit as e:
+            code = 0 if e.code is None else e.code
+    return subprocess.CompletedProcess([script] + args, code, out.getvalue(), err.getvalue())
 
 
 ARCH = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4, num_classes=5)  # a tiny ViT, 17 tokens

@@ -19,6 +19,7 @@ import evaluate
 import teacher
 import train
 import vit
+from conftest import run_here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=10)
@@ -588,8 +589,8 @@ SHIPPED_SPECIFICITY = {"mae_tiny_cifar10": [0.019, 0.057, 0.032, 0.020, 0.020, 0
 def test_specificity_of_the_shipped_teachers_through_the_cli(tmp_path, cifar10_root, teacher):
     """CIFAR-10 found without --data_path; a line per layer on stderr, the JSON in --output; the numbers of the
     README's table within 0.02 of an outside measurement."""
-    argv = ["--specificity", teacher, "--num_workers", "0", "--no_progress", "--output", tmp_path / "s.json"]
-    r = subprocess.run([sys.executable, "evaluate.py", *map(str, argv)], cwd=ROOT, capture_output=True, text=True)
+    r = run_here("evaluate", ["--specificity", teacher, "--num_workers", "0", "--no_progress",
+                              "--output", str(tmp_path / "s.json")])
     assert r.returncode == 0 and r.stdout == "", r.stderr
     assert sum(line.startswith("layer ") for line in r.stderr.splitlines()) == 6
     got = json.loads((tmp_path / "s.json").read_text())

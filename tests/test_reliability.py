@@ -1,13 +1,11 @@
 """Reliability: two processes equal one, errors and stops under torchrun, SIGKILL / SIGTERM and resume (mid-epoch and
 mid-checkpoint-write), every bad input a one-line error."""
 import collections
-import concurrent.futures
 import io
 import json
 import os
 import pickle
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,8 +16,8 @@ import zlib
 import pytest
 import torch
 
-import run_safety
 import vit
+from conftest import run_here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--dataset", "fake", "--model", "vit_micro_cifar", "--input_size", "32", "--num_workers", "0",
@@ -27,8 +25,8 @@ FAST = ["--dataset", "fake", "--model", "vit_micro_cifar", "--input_size", "32",
 # A launcher for the scripts with deterministic data (no augmentation) and optional faults, so that runs can be
 # compared weight for weight: python launch.py SCRIPT [ARGS]; env SIGNAL_AT_STEP="k signum" (sent to itself when step k
 # starts), KILL_IN_SAVE=k (SIGKILL half-way through the k-th save), RANK1_FAILS=early / plan (a ValueError on rank 1
-# before the processes talk / while the data is opened), RANK1_FAILS=k (rank 1's k-th loss is NaN), SLOW_PRINTER=r
-# (rank r takes 3 s to print its error).
+# before the processes talk / while the data is opened), RANK1_FAILS=k (rank 1's k-th loss is NaN), SLOW_PRINTER="r [s]"
+# (rank r takes s seconds, default 3, to print its error or interruption).
 LAUNCH = r'''
 import os, signal, sys, importlib
 sys.path.insert(0, os.environ["REPO"])
@@ -56,12 +54,13 @@ elif os.environ.get("RANK") == "1" and "RANK1_FAILS" in os.environ:
         calls.append(1)
         return ce(logits, targets) * (float("nan") if len(calls) == int(os.environ["RANK1_FAILS"]) else 1)
     train.soft_cross_entropy = nan_at
-if os.environ.get("SLOW_PRINTER", "-") == os.environ.get("RANK"):
+if os.environ.get("SLOW_PRINTER", "-").split()[0] == os.environ.get("RANK"):
     import builtins, time
+    seconds = float((os.environ["SLOW_PRINTER"].split() + ["3"])[1])
     def slow_print(*a, **k):
-        time.sleep(3)
+        time.sleep(seconds if k.get("file") is sys.stderr else 0)
         builtins.print(*a, **k)
-    run_safety.print = slow_print
+    run_safety.print = train.print = slow_print
 if "KILL_IN_SAVE" in os.environ:
     save, calls = torch.save, []
     def half_then_die(obj, f):
@@ -115,8 +114,19 @@ def test_two_processes_equal_one(tmp_path, launch, teacher_file, script):
     if script != "train":
         args += ["--teacher", teacher_file, "--layers", ":", "--ema", "0"]
     run([sys.executable, launch, script] + args + ["--batch_size", "32", "--output_dir", str(tmp_path / "one")])
-    r = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", launch, script] + args +
-            ["--batch_size", "16", "--output_dir", str(tmp_path / "two")])
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", launch, script] + args + [
+        "--batch_size", "16", "--output_dir", str(tmp_path / "two")]
+    if script == "train":
+        # SIGTERM to both processes at step 1 (a scheduler's, or Ctrl-C's SIGINT): both stop after that step, rank 0
+        # saves and says so in one line though it is slow to print (the other waits for it; 6 s, as a process that ends
+        # after the processes talked can take seconds to exit), and the same command again finishes the run as if it
+        # had not stopped
+        r = run(two, env={"SIGNAL_AT_STEP": "1 15", "SLOW_PRINTER": "0 6"}, check=False)
+        lines = [l for l in r.stderr.splitlines() if "interrupted" in l or l.startswith("error")]
+        assert r.returncode != 0 and lines == ["interrupted at epoch 0, step 2; rerun the same command to resume"], \
+            r.stderr[-3000:]
+    r = run(two)
+    assert ("resumed" in r.stdout) == (script == "train")
     assert "2 process(es)" in r.stdout and r.stdout.count("process(es)") == 1  # one log, from rank 0
     assert_same(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=2e-5)
     logs = [open(tmp_path / d / "log.jsonl").read() for d in ("one", "two")]
@@ -242,21 +252,16 @@ def test_every_bad_input_is_one_line_and_leaves_the_output_resumable(tmp_path, l
     before = {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))}
     assert list(before) == ["checkpoint.pth", "log.jsonl"]
 
-    def check(row):  # each row on its own copy of the unfinished run, so that the rows can run at the same time
-        i, (name, script, extra, message) = row
-        copy = shutil.copytree(out, tmp_path / f"row{i}")
+    for name, script, extra, message in bad_inputs(tmp_path, teacher_file):  # each as `python SCRIPT.py ARGS`
         if name == "a folder another run is using":
-            (copy / "run.lock").write_text(f"{os.getpid()} {socket.gethostname()}")
-        args = ARGS + ["--output_dir", str(copy)] + (["--layers", ":"] if script != "train" else []) + extra
-        r = run([sys.executable, f"{script}.py"] + args, check=False)
+            (tmp_path / "out" / "run.lock").write_text(f"{os.getpid()} {socket.gethostname()}")
+        args = ARGS + ["--output_dir", out] + (["--layers", ":"] if script != "train" else []) + extra
+        r = run_here(script, args)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
             (name, r.stderr[-2000:])
-        (copy / "run.lock").unlink(missing_ok=True)
-        assert {f: (copy / f).read_bytes() for f in sorted(os.listdir(copy))} == before, name
-
-    with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-        list(pool.map(check, enumerate(bad_inputs(tmp_path, teacher_file))))
+        (tmp_path / "out" / "run.lock").unlink(missing_ok=True)
+        assert {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))} == before, name
     r = run([sys.executable, launch, "train"] + ARGS + ["--output_dir", out])  # the same command again
     assert f"resumed {out} at epoch 1, step 4" in r.stdout
     assert_same(full, weights(out))
@@ -289,13 +294,9 @@ RANGE_ERRORS = [  # (extra args, expected message): checked before any data is o
 
 
 @pytest.mark.parametrize("extra,message", RANGE_ERRORS)
-def test_every_range_is_checked_with_one_line(tmp_path, capsys, extra, message):
-    """Through train.cli in this process (the same path as the command line, without starting Python each time)."""
-    import train
-    with pytest.raises(SystemExit) as exit:
-        run_safety.cli(lambda: train.main(FAST + ["--output_dir", str(tmp_path / "out")] + extra))
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+def test_every_range_is_checked_with_one_line(tmp_path, extra, message):
+    r = run_here("train", FAST + ["--output_dir", str(tmp_path / "out")] + extra)
+    assert message in one_error_line(r)
     assert not (tmp_path / "out").exists()  # nothing created
 
 
@@ -305,14 +306,9 @@ def test_every_range_is_checked_with_one_line(tmp_path, capsys, extra, message):
     ("distill_attention", ["--teacher_heads", "0"], "argument --teacher_heads: 0 is out of range"),
     ("copy_attention", ["--heads", "-1"], "argument --heads: -1 is out of range"),
 ])
-def test_method_script_ranges_are_checked(tmp_path, capsys, script, extra, message):
-    import importlib
-    import train
-    main = importlib.import_module(script).main
-    with pytest.raises(SystemExit) as exit:
-        run_safety.cli(lambda: main(FAST + ["--output_dir", str(tmp_path / "out")] + extra))
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+def test_method_script_ranges_are_checked(tmp_path, script, extra, message):
+    r = run_here(script, FAST + ["--output_dir", str(tmp_path / "out")] + extra)
+    assert message in one_error_line(r)
     assert not (tmp_path / "out").exists()
 
 
@@ -432,16 +428,16 @@ def test_pack_replaces_only_its_own_output(tmp_path):
     folder.mkdir()
     before = {p: p.read_bytes() for p in (checkpoint, notes)}
     for dst in (checkpoint, notes, folder):
-        r = run([sys.executable, "data.py", "pack", src, str(dst)], check=False)
+        r = run_here("data", ["pack", src, str(dst)])
         assert f"{dst} exists and is not a file python data.py pack wrote: refusing to replace it" in one_error_line(r)
     assert {p: p.read_bytes() for p in (checkpoint, notes)} == before and not os.listdir(folder)
     packed = str(tmp_path / "packed.pth")
-    run([sys.executable, "data.py", "pack", src, packed])
-    r = run([sys.executable, "data.py", "pack", src, packed])  # its own output: replaced
+    run_here("data", ["pack", src, packed])
+    r = run_here("data", ["pack", src, packed])  # its own output: replaced
     assert "packed" in r.stdout and sorted(os.listdir(tmp_path)) == sorted(
         ["src", "checkpoint.pth", "notes.pth", "folder.pth", "packed.pth"])  # no temporary file left
-    r = run([sys.executable, "train.py"] + FAST + ["--dataset", "folder", "--data_path", str(checkpoint),
-                                                   "--output_dir", str(tmp_path / "out")], check=False)
+    r = run_here("train", FAST + ["--dataset", "folder", "--data_path", str(checkpoint),
+                                  "--output_dir", str(tmp_path / "out")])
     line = one_error_line(r)
     assert f"{checkpoint} is not a packed dataset (it holds ['epoch', 'model']" in line
     assert f"pack SRC {checkpoint}" not in line and checkpoint.read_bytes() == before[checkpoint]
@@ -464,7 +460,7 @@ def test_bad_files_and_folders_are_named_for_what_they_are(tmp_path, teacher_fil
         Image.new("RGB", (32, 32)).save(one_class / split / "cat" / "0.png")
     packed = tmp_path / "broken.pth"
     src = make_folder(tmp_path / "src")
-    run([sys.executable, "data.py", "pack", src, str(packed)])
+    run_here("data", ["pack", src, str(packed)])
     contents = torch.load(packed, weights_only=True)
     images = zlib.decompress(contents["train"]["zlib"].numpy().tobytes())
     a, b = contents["train"]["offsets"][2:4].tolist()
@@ -500,7 +496,7 @@ def test_bad_files_and_folders_are_named_for_what_they_are(tmp_path, teacher_fil
          f"cannot read image {packed}:train/2 (not an image PIL can identify): the packed file is damaged", "_io."),
     ]
     for command, message, absent in rows:
-        line = one_error_line(run([sys.executable] + command, check=False))
+        line = one_error_line(run_here(command[0][:-len(".py")], command[1:]))
         assert message in line and (absent is None or absent not in line), (command, line)
     out = tmp_path / "out"
     assert not (tmp_path / "one.pth").exists() and (not out.exists() or not os.listdir(out))

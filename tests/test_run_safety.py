@@ -15,8 +15,8 @@ import torch
 import copy_attention
 import run_safety
 import train
+from conftest import run_here
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--dataset", "fake", "--model", "vit_micro_cifar", "--input_size", "16", "--batch_size", "8",
         "--num_workers", "0", "--epochs", "2", "--epoch_steps", "2", "--warmup_epochs", "0", "--val_subset", "16",
         "--no_progress"]
@@ -174,15 +174,15 @@ def test_a_moved_teacher_is_the_same_teacher(tmp_path, capsys, monkeypatch, teac
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:0"])
-@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+@pytest.mark.parametrize("script", ["train", "evaluate"])
 def test_a_device_that_is_not_there_is_one_line(tmp_path, device, script):
     if device.startswith("cuda") and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    if script == "train.py":
+    if script == "train":
         args = FAST + ["--output_dir", str(tmp_path / "out")]
     else:
         args = ["mae_tiny_cifar10", "--dataset", "fake", "--no_progress"]
-    r = subprocess.run([sys.executable, script, *args, "--device", device], cwd=ROOT, capture_output=True, text=True)
+    r = run_here(script, args + ["--device", device])
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: --device {device}"), r.stderr
     assert not (tmp_path / "out").exists()
