@@ -40,6 +40,14 @@ def run_here(script, args):
     return subprocess.CompletedProcess([script] + args, code, out.getvalue(), err.getvalue())
 
 
+def one_error_line(r, what=""):
+    """A run_here result refused its input as the scripts do: exit 2 and one `error:` line on stderr: -> that line.
+    `what` names the case in a failure message."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (what, r.stderr[-2000:])
+    return lines[0]
+
+
 ARCH = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4, num_classes=5)  # a tiny ViT, 17 tokens
 
 

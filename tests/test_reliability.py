@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import vit
-from conftest import run_here
+from conftest import one_error_line, run_here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--dataset", "fake", "--model", "vit_micro_cifar", "--input_size", "32", "--num_workers", "0",
@@ -243,26 +243,23 @@ def bad_inputs(tmp_path, teacher_file):
 
 
 def test_every_bad_input_is_one_line_and_leaves_the_output_resumable(tmp_path, launch, teacher_file, full):
-    out = str(tmp_path / "out")
+    out = tmp_path / "out"
     # an unfinished run: SIGTERM at step 3 (epoch 1) finishes the step, saves, says so in one line and exits 143
-    r = run([sys.executable, launch, "train"] + ARGS + ["--output_dir", out], env={"SIGNAL_AT_STEP": "3 15"},
+    r = run([sys.executable, launch, "train"] + ARGS + ["--output_dir", str(out)], env={"SIGNAL_AT_STEP": "3 15"},
             check=False)
     assert r.returncode == 143 and r.stderr.strip().splitlines() == [
         "interrupted at epoch 1, step 4; rerun the same command to resume"], r.stderr[-2000:]
-    before = {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))}
+    before = {f: (out / f).read_bytes() for f in sorted(os.listdir(out))}
     assert list(before) == ["checkpoint.pth", "log.jsonl"]
 
     for name, script, extra, message in bad_inputs(tmp_path, teacher_file):  # each as `python SCRIPT.py ARGS`
         if name == "a folder another run is using":
-            (tmp_path / "out" / "run.lock").write_text(f"{os.getpid()} {socket.gethostname()}")
-        args = ARGS + ["--output_dir", out] + (["--layers", ":"] if script != "train" else []) + extra
-        r = run_here(script, args)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
-            (name, r.stderr[-2000:])
-        (tmp_path / "out" / "run.lock").unlink(missing_ok=True)
-        assert {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))} == before, name
-    r = run([sys.executable, launch, "train"] + ARGS + ["--output_dir", out])  # the same command again
+            (out / "run.lock").write_text(f"{os.getpid()} {socket.gethostname()}")
+        args = ARGS + ["--output_dir", str(out)] + (["--layers", ":"] if script != "train" else []) + extra
+        assert message in one_error_line(run_here(script, args), name), name
+        (out / "run.lock").unlink(missing_ok=True)
+        assert {f: (out / f).read_bytes() for f in sorted(os.listdir(out))} == before, name
+    r = run([sys.executable, launch, "train"] + ARGS + ["--output_dir", str(out)])  # the same command again
     assert f"resumed {out} at epoch 1, step 4" in r.stdout
     assert_same(full, weights(out))
 
@@ -388,12 +385,6 @@ def peak_rss(cmd):
 def imports_peak():
     """The peak resident memory of importing the scripts (torch and torchvision: about 0.7 GiB on our machine)."""
     return peak_rss([sys.executable, "-c", "import distill_attention, evaluate, train"])[1]
-
-
-def one_error_line(r):
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
-    return lines[0]
 
 
 @pytest.mark.parametrize("script,extra,message", [

@@ -1,6 +1,6 @@
 """run_safety.py as a user meets it: damaged run state, hand-edited checkpoints, a moved teacher, a finished run,
 devices that are not there, bad teacher statistics, a second Ctrl-C inside a save, a stop during the evaluation.
-Each case runs the real command (the script's main through run_safety.cli, or a subprocess where a process must die)
+Each case runs the real command (conftest.run_here: the script's main as its `__main__` block runs it, or a subprocess where a process must die)
 and checks the one `error:` line, the exit code, and that nothing on disk changed."""
 import hashlib
 import json
@@ -15,18 +15,11 @@ import torch
 import copy_attention
 import run_safety
 import train
-from conftest import run_here
+from conftest import one_error_line, run_here
 
 FAST = ["--dataset", "fake", "--model", "vit_micro_cifar", "--input_size", "16", "--batch_size", "8",
         "--num_workers", "0", "--epochs", "2", "--epoch_steps", "2", "--warmup_epochs", "0", "--val_subset", "16",
         "--no_progress"]
-
-
-def cli(main, argv, capsys):
-    """-> (exit code, stderr lines) of main(argv) through run_safety.cli, as the command line runs it."""
-    with pytest.raises(SystemExit) as exit:
-        run_safety.cli(lambda: main(argv))
-    return exit.value.code, capsys.readouterr().err.strip().splitlines()
 
 
 def digest(folder):
@@ -44,10 +37,11 @@ def digest(folder):
     return out
 
 
-def one_error(code, lines, *needles):
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+def one_error(r, *needles):
+    """The command refused its input with one `error:` line, which names each needle."""
+    line = one_error_line(r)
     for needle in needles:
-        assert needle in lines[0], lines[0]
+        assert needle in line, line
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +53,7 @@ def finished(tmp_path_factory):
 
 
 @pytest.mark.parametrize("damage", ["folder", "garbage", "dangling link"])
-def test_a_damaged_lock_is_one_line_and_left_alone(tmp_path, capsys, damage):
+def test_a_damaged_lock_is_one_line_and_left_alone(tmp_path, damage):
     out = tmp_path / "out"
     out.mkdir()
     lock = out / "run.lock"
@@ -70,12 +64,12 @@ def test_a_damaged_lock_is_one_line_and_left_alone(tmp_path, capsys, damage):
     else:
         lock.symlink_to(tmp_path / "nowhere")
     before = digest(out)
-    code, lines = cli(train.main, FAST + ["--output_dir", str(out)], capsys)
-    one_error(code, lines, str(lock), "not a lock file this repository wrote", "delete it")
+    r = run_here("train", FAST + ["--output_dir", str(out)])
+    one_error(r, str(lock), "not a lock file this repository wrote", "delete it")
     assert digest(out) == before
 
 
-def test_a_stale_lock_in_a_folder_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+def test_a_stale_lock_in_a_folder_that_cannot_be_written(tmp_path, monkeypatch):
     """A dead run's lock in a folder where nothing may be deleted (root ignores chmod, so the refusal is injected)."""
     out = tmp_path / "out"
     out.mkdir()
@@ -91,12 +85,12 @@ def test_a_stale_lock_in_a_folder_that_cannot_be_written(tmp_path, capsys, monke
         return remove(path, *a, **k)
 
     monkeypatch.setattr(os, "remove", read_only)
-    code, lines = cli(train.main, FAST + ["--output_dir", str(out)], capsys)
-    one_error(code, lines, "cannot take over the stale lock", "Permission denied")
+    r = run_here("train", FAST + ["--output_dir", str(out)])
+    one_error(r, "cannot take over the stale lock", "Permission denied")
     assert digest(out) == before
 
 
-def test_a_folder_that_turns_read_only_mid_run_keeps_the_clean_error(tmp_path, capsys, monkeypatch):
+def test_a_folder_that_turns_read_only_mid_run_keeps_the_clean_error(tmp_path, monkeypatch):
     """The save fails, and so does removing the lock on the way out: the user sees the save's error, not the lock's."""
     out = tmp_path / "out"
     remove = os.remove
@@ -109,13 +103,13 @@ def test_a_folder_that_turns_read_only_mid_run_keeps_the_clean_error(tmp_path, c
         raise ValueError(f"cannot write {path} (Read-only file system): free some space or use another --output_dir")
 
     monkeypatch.setattr(run_safety, "save_atomic", read_only_from_now_on)
-    code, lines = cli(train.main, FAST + ["--output_dir", str(out)], capsys)
+    r = run_here("train", FAST + ["--output_dir", str(out)])
     monkeypatch.setattr(os, "remove", remove)
-    one_error(code, lines, "cannot write", "Read-only file system")
+    one_error(r, "cannot write", "Read-only file system")
 
 
 @pytest.mark.parametrize("edit", ["no scaler", "epoch is text", "missing weight", "misshapen weight", "model a list"])
-def test_a_hand_edited_checkpoint_is_one_line_and_left_as_it_was(tmp_path, capsys, finished, edit):
+def test_a_hand_edited_checkpoint_is_one_line_and_left_as_it_was(tmp_path, finished, edit):
     out = tmp_path / "out"
     out.mkdir()
     ckpt = torch.load(finished / "checkpoint.pth", weights_only=True)
@@ -132,8 +126,8 @@ def test_a_hand_edited_checkpoint_is_one_line_and_left_as_it_was(tmp_path, capsy
         ckpt["model"] = [1, 2]
     torch.save(ckpt, out / "checkpoint.pth")
     before = digest(out)
-    code, lines = cli(train.main, FAST + ["--output_dir", str(out)], capsys)
-    one_error(code, lines, str(out / "checkpoint.pth"), "damaged or was edited", "delete the file to start over")
+    r = run_here("train", FAST + ["--output_dir", str(out)])
+    one_error(r, str(out / "checkpoint.pth"), "damaged or was edited", "delete the file to start over")
     assert digest(out) == before
 
 
@@ -141,8 +135,8 @@ def test_a_finished_run_says_how_to_train_further(finished, capsys):
     before = digest(finished)
     train.main(FAST + ["--output_dir", str(finished)])  # the same command again: nothing to do, and it says so
     assert "has finished all 2 epochs: nothing to do" in capsys.readouterr().out
-    code, lines = cli(train.main, FAST + ["--epochs", "3", "--output_dir", str(finished)], capsys)
-    one_error(code, lines, "epochs 2 there, 3 here", "start a new --output_dir with --finetune")
+    r = run_here("train", FAST + ["--epochs", "3", "--output_dir", str(finished)])
+    one_error(r, "epochs 2 there, 3 here", "start a new --output_dir with --finetune")
     assert digest(finished) == before
 
 
@@ -157,8 +151,8 @@ def test_a_moved_teacher_is_the_same_teacher(tmp_path, capsys, monkeypatch, teac
         return lr_at(step, *a)
 
     monkeypatch.setattr(train, "lr_at", ctrl_c_in_epoch_1)
-    code, _ = cli(copy_attention.main, FAST + ["--teacher", teacher_file, "--layers", "0", "--output_dir", out], capsys)
-    assert code == 130
+    r = run_here("copy_attention", FAST + ["--teacher", teacher_file, "--layers", "0", "--output_dir", out])
+    assert r.returncode == 130, r.stderr
     monkeypatch.undo()
     moved = str(tmp_path / "moved.pth")
     os.rename(teacher_file, moved)
@@ -168,9 +162,8 @@ def test_a_moved_teacher_is_the_same_teacher(tmp_path, capsys, monkeypatch, teac
     ckpt = torch.load(moved, weights_only=True)
     other = str(tmp_path / "other.pth")
     torch.save({"model": {k: v + 1 for k, v in ckpt["model"].items()}, "arch": ckpt["arch"]}, other)
-    code, lines = cli(copy_attention.main, FAST + ["--teacher", other, "--layers", "0", "--epochs", "3",
-                                                    "--output_dir", out], capsys)
-    one_error(code, lines, "teacher_sha256")
+    r = run_here("copy_attention", FAST + ["--teacher", other, "--layers", "0", "--epochs", "3", "--output_dir", out])
+    one_error(r, "teacher_sha256")
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:0"])
@@ -183,8 +176,7 @@ def test_a_device_that_is_not_there_is_one_line(tmp_path, device, script):
     else:
         args = ["mae_tiny_cifar10", "--dataset", "fake", "--no_progress"]
     r = run_here(script, args + ["--device", device])
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: --device {device}"), r.stderr
+    one_error(r, f"error: --device {device}")
     assert not (tmp_path / "out").exists()
 
 
@@ -193,18 +185,17 @@ def test_a_device_that_is_not_there_is_one_line(tmp_path, device, script):
     ("--teacher_std", ["0", "0", "0"], "argument --teacher_std: 0 is out of range"),
     ("--teacher_mean", ["nan", "0", "0"], "argument --teacher_mean: nan is not a finite number"),
 ])
-def test_bad_teacher_statistics_are_refused_before_any_work(tmp_path, capsys, teacher_file, flag, values, message):
+def test_bad_teacher_statistics_are_refused_before_any_work(tmp_path, teacher_file, flag, values, message):
     out = tmp_path / "new"
-    code, lines = cli(copy_attention.main, FAST + ["--teacher", teacher_file, flag, *values, "--output_dir",
-                                                    str(out)], capsys)
-    one_error(code, lines, message)
+    r = run_here("copy_attention", FAST + ["--teacher", teacher_file, flag, *values, "--output_dir", str(out)])
+    one_error(r, message)
     assert not out.exists()
 
 
-def test_a_bad_input_found_while_planning_leaves_no_new_folder(tmp_path, capsys):
+def test_a_bad_input_found_while_planning_leaves_no_new_folder(tmp_path):
     out = tmp_path / "new"
-    code, lines = cli(train.main, FAST + ["--batch_size", "4096", "--output_dir", str(out)], capsys)
-    one_error(code, lines, "--batch_size 4096")
+    r = run_here("train", FAST + ["--batch_size", "4096", "--output_dir", str(out)])
+    one_error(r, "--batch_size 4096")
     assert not out.exists()
 
 
