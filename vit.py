@@ -227,9 +227,10 @@ def create_model(name, **kwargs):
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAE_URL = "https://dl.fbaipublicfiles.com/mae/"
 # name: where the weights are, the heads (which no tensor shape holds) and the input statistics the model was trained
-# with. The architecture itself is read from the weights. mae_tiny_cifar10, mae90_tiny_cifar10 (pretrain_mae.py, masks
-# 0.75 and 0.9) and sup_nano_cifar10 (train.py, supervised) were trained on CIFAR-10 normalised with data.MEAN /
-# data.STD, which are ImageNet's; a `mean` / `std` in a checkpoint wins over this table.
+# with. The architecture itself is read from the weights. mae_tiny_cifar10, mae90_tiny_cifar10 and
+# mae90_ep8_tiny_cifar10 (pretrain_mae.py: mask 0.75 for 48 epochs, mask 0.9 for 4 and 8) and sup_nano_cifar10
+# (train.py, supervised) were trained on CIFAR-10 normalised with data.MEAN / data.STD, which are ImageNet's; a `mean` /
+# `std` in a checkpoint wins over this table.
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 TEACHERS = {
     "mae_vit_b": dict(source=MAE_URL + "pretrain/mae_pretrain_vit_base.pth", num_heads=12, **IMAGENET),
@@ -241,6 +242,8 @@ TEACHERS = {
     "mae_tiny_cifar10": dict(source=os.path.join(HERE, "teachers", "mae_tiny_cifar10.pth"), num_heads=3, **IMAGENET),
     "mae90_tiny_cifar10": dict(source=os.path.join(HERE, "teachers", "mae90_tiny_cifar10.pth"), num_heads=3,
                                **IMAGENET),
+    "mae90_ep8_tiny_cifar10": dict(source=os.path.join(HERE, "teachers", "mae90_ep8_tiny_cifar10.pth"), num_heads=3,
+                                   **IMAGENET),
     "sup_nano_cifar10": dict(source=os.path.join(HERE, "teachers", "sup_nano_cifar10.pth"), num_heads=3, **IMAGENET),
     # The other pre-training methods the paper compares, ViT-B/16 each (12 heads, ImageNet statistics in each repo's
     # Normalize). Addresses as the official repositories give them, direct downloads all three:

@@ -282,7 +282,7 @@ def test_teacher_table_heads_and_statistics(tmp_path, monkeypatch):
     torch.save({"model": sd_of(enc), "mean": [0.1, 0.2, 0.3], "std": [1, 2, 3]}, path)  # the checkpoint's own wins
     assert vit.load_pretrained("local")[1]["mean"] == (0.1, 0.2, 0.3)
     # the shipped teachers: arch records, ImageNet statistics
-    for name in ("mae_tiny_cifar10", "mae90_tiny_cifar10", "sup_nano_cifar10"):
+    for name in ("mae_tiny_cifar10", "mae90_tiny_cifar10", "mae90_ep8_tiny_cifar10", "sup_nano_cifar10"):
         m, r = vit.load_pretrained(name)
         assert m.num_heads == 3 and r["mean"] == (0.485, 0.456, 0.406) and r["std"] == (0.229, 0.224, 0.225)
     assert all(t["num_heads"] and t["mean"] and t["std"] for t in vit.TEACHERS.values())
