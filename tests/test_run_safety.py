@@ -1,7 +1,7 @@
 """run_safety.py as a user meets it: damaged run state, hand-edited checkpoints, a moved teacher, a finished run,
 devices that are not there, bad teacher statistics, a second Ctrl-C inside a save, a stop during the evaluation.
-Each case runs the real command (conftest.run_here: the script's main as its `__main__` block runs it, or a subprocess where a process must die)
-and checks the one `error:` line, the exit code, and that nothing on disk changed."""
+Each case runs the real command (conftest.run_here: the script's main as its `__main__` block runs it; a subprocess
+where a process must die) and checks the one `error:` line, the exit code, and that nothing on disk changed."""
 import hashlib
 import json
 import os
