@@ -529,8 +529,12 @@ class EpochBatches(torch.utils.data.Sampler):
 
 
 def quiet_worker(_):
-    """A loader worker ignores Ctrl-C: it is the main process's to handle (it finishes the step, then saves)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """A loader worker ignores Ctrl-C and SIGTERM: they are the main process's to handle (it finishes the step, then
+    saves). Both often reach the workers too (Ctrl-C in a terminal, `timeout`, a scheduler's SIGTERM go to every process
+    of the run), and a worker killed by one would end the run with a traceback instead. The main process still stops
+    its workers when it exits."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class MixupCutmix:

@@ -15,7 +15,7 @@ import torch
 import copy_attention
 import run_safety
 import train
-from conftest import one_error_line, run_here
+from conftest import ROOT, one_error_line, run_here
 
 FAST = ["--dataset", "fake", "--model", "vit_micro_cifar", "--input_size", "16", "--batch_size", "8",
         "--num_workers", "0", "--epochs", "2", "--epoch_steps", "2", "--warmup_epochs", "0", "--val_subset", "16",
@@ -273,3 +273,25 @@ def test_sigterm_during_the_evaluation_saves_at_once_and_the_resume_evaluates(tm
     assert lines == want
     assert torch.equal(torch.load(out / "checkpoint.pth", weights_only=True)["model"]["head.weight"],
                        torch.load(finished / "checkpoint.pth", weights_only=True)["model"]["head.weight"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_whole_process_group_stops_cleanly(tmp_path, signum):
+    """Ctrl-C in a terminal, `timeout`, and a scheduler's SIGTERM reach every process of the run, its data-loader
+    workers too: the workers leave it to the main process, which finishes the step, saves and says so in one line."""
+    out = tmp_path / "out"
+    args = FAST + ["--num_workers", "2", "--epochs", "1000", "--output_dir", str(out)]  # the last --num_workers wins
+    p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        while not p.stdout.readline().startswith('{"epoch": 0'):  # an epoch done: the workers are running
+            assert p.poll() is None, p.stderr.read()
+        os.killpg(p.pid, signum)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    lines = err.strip().splitlines()
+    assert p.returncode == 128 + signum and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("interrupted at epoch ") and lines[0].endswith("; rerun the same command to resume")
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] >= 1
