@@ -1,5 +1,6 @@
 """run_safety.py as a user meets it: damaged run state, hand-edited checkpoints, a moved teacher, a finished run,
-devices that are not there, bad teacher statistics, a second Ctrl-C inside a save, a stop during the evaluation.
+devices that are not there, bad teacher statistics, a second Ctrl-C inside a save, a stop during the evaluation, a
+signal sent to every process of the run.
 Each case runs the real command (conftest.run_here: the script's main as its `__main__` block runs it; a subprocess
 where a process must die) and checks the one `error:` line, the exit code, and that nothing on disk changed."""
 import hashlib
